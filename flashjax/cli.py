@@ -1,0 +1,105 @@
+"""The ``flashjax`` command line: parses arguments and calls the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, "
+                                         f"got {text!r}") from None
+
+
+def cmd_convert(args) -> int:
+    import flashjax
+
+    t0 = time.perf_counter()
+    manifest = flashjax.convert(args.hf_dir, args.out_dir, dtype=args.dtype)
+    print(f"wrote {args.out_dir}: {manifest.dtype}, DRAM part {manifest.dram_bytes / 1e6:.1f} MB, "
+          f"flash FFN {manifest.ffn_bytes / 1e6:.1f} MB in {manifest.config.num_hidden_layers} "
+          f"layers ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import flashjax
+
+    model = flashjax.load(args.model_dir, progress=not args.json)
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+    elif model.tokenizer is None:
+        raise SystemExit(f"error: {args.model_dir} has no tokenizer; use --prompt-ids")
+    else:
+        prompt = model.encode(args.prompt)
+    t0 = time.perf_counter()
+    new = model.generate(prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed)
+    seconds = time.perf_counter() - t0
+    text = model.decode(new) if model.tokenizer is not None else None
+    if args.json:
+        print(json.dumps({"token_ids": new, "text": text, "prompt_ids": prompt,
+                          "seconds": seconds}))
+    else:
+        print((args.prompt or "") + text if text is not None else " ".join(map(str, new)))
+        print(f"[{len(new)} tokens in {seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from flashjax.store.verify import verify
+
+    report = verify(args.model_dir)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flashjax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face OPT checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="storage dtype (default: the checkpoint's)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text with a converted model")
+    p.add_argument("model_dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model dir)")
+    src.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("verify", help="check a converted model directory's files and checksums")
+    p.add_argument("model_dir")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from flashjax import CheckpointError, ConfigError, StoreError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, StoreError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure-functional Flax modules of the decoder and its jitted entry points."""

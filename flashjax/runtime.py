@@ -1,0 +1,176 @@
+"""A loaded model: teacher-forced logits and generation on top of the jitted decoder.
+
+``Model`` keeps every weight in DRAM (the dense path). Subclasses replace ``_prefill`` and
+``_decode`` (same signatures) to compute the FFN differently; batching, padding, positions,
+sampling and stopping live here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.config import ModelConfig
+from flashjax.model import opt, sampling
+from flashjax.model.layers import KVCache
+
+PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this to bound recompiles
+SLOT_BUCKET = 64  # KV-cache lengths likewise
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def default_compute_dtype(storage_dtype) -> jnp.dtype:
+    # XLA:CPU runs half-precision matmuls several times slower than float32.
+    if jax.default_backend() == "cpu":
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(storage_dtype)
+
+
+def _as_batch(token_ids) -> tuple[list[list[int]], bool]:
+    """Accept one sequence or a batch; return (batch, was_single)."""
+    if isinstance(token_ids, np.ndarray):
+        token_ids = token_ids.tolist()
+    token_ids = list(token_ids)
+    if not token_ids:
+        raise ValueError("token_ids is empty")
+    single = not isinstance(token_ids[0], (list, tuple, np.ndarray))
+    batch = [list(map(int, s)) for s in ([token_ids] if single else token_ids)]
+    if any(len(s) == 0 for s in batch):
+        raise ValueError("every sequence needs at least one token")
+    return batch, single
+
+
+class Model:
+    """A flashjax model with all weights in DRAM.
+
+    ``logits(token_ids)`` gives teacher-forced float32 logits [batch, seq, vocab];
+    ``generate(prompt_ids, max_new_tokens=...)`` returns the new token ids.
+    """
+
+    def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, path: Path | None = None,
+                 dtype=jnp.float32):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.params = params
+        self.tokenizer = tokenizer
+        self.path = path
+
+    # -- the two entry points a subclass may replace ------------------------------------------
+    def _prefill(self, tokens, positions, valid, cache: KVCache):
+        return opt.forward(self.cfg, self.params, tokens, positions, valid, cache)
+
+    def _decode(self, tokens, positions, cache: KVCache):
+        return opt.decode_step(self.cfg, self.params, tokens, positions, cache)
+
+    # -- public API --------------------------------------------------------------------------
+    def _check_ids(self, batch: list[list[int]]) -> None:
+        flat = np.fromiter((t for s in batch for t in s), np.int64)
+        if flat.min() < 0 or flat.max() >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); found "
+                             f"{int(flat.min())}..{int(flat.max())}")
+
+    def logits(self, token_ids, attention_mask=None) -> np.ndarray:
+        """Teacher-forced logits, float32 [batch, seq, vocab].
+
+        ``token_ids``: one sequence, a batch of equal-length sequences, or ragged sequences
+        (right-padded; logits at padded positions are meaningless). ``attention_mask`` [batch,
+        seq] marks real tokens (1) in an already padded batch.
+        """
+        batch, single = _as_batch(token_ids)
+        self._check_ids(batch)
+        seq = max(map(len, batch))
+        b = len(batch)
+        if seq > self.cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {seq} exceeds max_position_embeddings "
+                             f"{self.cfg.max_position_embeddings}")
+        width = _round_up(seq, PROMPT_BUCKET)
+        tokens = np.full((b, width), self.cfg.pad_token_id, np.int32)
+        valid = np.zeros((b, width), bool)
+        for i, s in enumerate(batch):
+            tokens[i, :len(s)] = s
+            valid[i, :len(s)] = True
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask, bool)
+            if mask.shape != (b, seq):
+                raise ValueError(f"attention_mask has shape {mask.shape}, expected {(b, seq)}")
+            valid[:, :seq] &= mask
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        cache = KVCache.init(self.cfg, b, width, self.dtype)
+        logits, _ = self._prefill(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
+                                  cache)
+        out = np.asarray(logits[:, :seq], np.float32)
+        return out[0:1] if single else out
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 stop_at_eos: bool = True):
+        """Continue one prompt (a list of ids) or a batch of prompts of any lengths.
+
+        Greedy when ``temperature`` is 0, else sampling with ``top_k`` (0: off) and ``top_p``
+        (1: off) from ``seed``. Returns the new ids (a list, or a list per prompt), including
+        the end-of-sequence token when one stops a sequence.
+        """
+        batch, single = _as_batch(prompt_ids)
+        self._check_ids(batch)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
+                             f"{temperature}, {top_k}, {top_p}")
+        lengths = np.array([len(s) for s in batch], np.int32)
+        limit = self.cfg.max_position_embeddings
+        if lengths.max() + max_new_tokens > limit:
+            raise ValueError(f"prompt length {lengths.max()} + max_new_tokens {max_new_tokens} "
+                             f"exceeds max_position_embeddings {limit}")
+        b, width = len(batch), _round_up(int(lengths.max()), PROMPT_BUCKET)
+        tokens = np.full((b, width), self.cfg.pad_token_id, np.int32)
+        valid = np.zeros((b, width), bool)
+        for i, s in enumerate(batch):  # left padding: every prompt ends at slot width - 1
+            tokens[i, width - len(s):] = s
+            valid[i, width - len(s):] = True
+        positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+        cache = KVCache.init(self.cfg, b, _round_up(width + max_new_tokens, SLOT_BUCKET),
+                             self.dtype)
+        logits, cache = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
+                                      jnp.asarray(valid), cache)
+        last = logits[:, -1]
+        key = jax.random.key(seed)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = np.zeros(b, bool)
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                key, sub = jax.random.split(key)
+                next_ids = sampling.sample(last, sub, temperature, top_k, top_p)
+            else:
+                next_ids = sampling.greedy(last)
+            host_ids = np.asarray(next_ids)
+            for i in np.flatnonzero(~done):
+                out[i].append(int(host_ids[i]))
+                done[i] = stop_at_eos and host_ids[i] == self.cfg.eos_token_id
+            if done.all() or step == max_new_tokens - 1:
+                break
+            last, cache = self._decode(next_ids, jnp.asarray(lengths + step), cache)
+        return out[0] if single else out
+
+    # -- text ----------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"model {self.path} has no tokenizer; pass token ids instead")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, starting with the BOS token as OPT expects."""
+        ids = self._need_tokenizer().encode(text).ids
+        if not ids or ids[0] != self.cfg.bos_token_id:
+            ids = [self.cfg.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)

@@ -1,0 +1,1 @@
+"""flashjax's on-disk model directory: manifest, DRAM checkpoint, flash bundle store."""

@@ -1,0 +1,103 @@
+"""The flash store: one TensorStore zarr3 array per layer, ``[n_neurons, 2 * d_model]``.
+
+Row i is neuron i's bundle: the up-projection column (fc1 weight row i) followed by the
+down-projection row (fc2 weight column i). One shard holds a whole layer and the inner chunk is
+one row, uncompressed, so every neuron is one contiguous, aligned byte range of the shard file
+(row i at offset ``i * row_bytes``, the shard index with its crc32c at the end). Row data carry
+a crc32 per row in ``ffn/crc32.npy``, kept beside the arrays rather than as a per-chunk codec so
+that rows stay block-aligned for direct I/O.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import tensorstore as ts
+
+FFN_DIR = "ffn"
+CHECKSUM_FILE = "crc32.npy"
+
+
+class StoreError(RuntimeError):
+    """The flash store is missing, truncated or corrupt."""
+
+
+def layer_key(layer: int) -> str:
+    return f"layer_{layer:03d}"
+
+
+def _spec(model_dir: Path, layer: int) -> dict:
+    return {"driver": "zarr3",
+            "kvstore": {"driver": "file", "path": str(Path(model_dir) / FFN_DIR / layer_key(layer))}}
+
+
+def write_context() -> ts.Context:
+    # The converter writes each shard once; fsync on every write only slows it down. The
+    # final directory rename is what makes the conversion visible.
+    return ts.Context({"file_io_sync": False})
+
+
+def create_layer(model_dir: Path, layer: int, bundles: np.ndarray, context: ts.Context) -> None:
+    """Write one layer's bundle matrix [n_neurons, bundle_width] as a single shard."""
+    n, width = bundles.shape
+    store = ts.open(
+        _spec(model_dir, layer), create=True, context=context,
+        dtype=ts.dtype(bundles.dtype.name), shape=[n, width],
+        chunk_layout=ts.ChunkLayout(read_chunk_shape=[1, width], write_chunk_shape=[n, width]),
+    ).result()
+    store.write(bundles).result()
+
+
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """crc32 of each row's bytes: [n] uint32."""
+    rows = np.ascontiguousarray(rows)
+    return np.fromiter((zlib.crc32(r.tobytes()) for r in rows), np.uint32, len(rows))
+
+
+def open_layer(model_dir: Path, layer: int, context: ts.Context | None = None) -> ts.TensorStore:
+    try:
+        return ts.open(_spec(model_dir, layer), open=True, read=True,
+                       context=context or ts.Context()).result()
+    except Exception as e:  # TensorStore raises ValueError/RuntimeError subclasses
+        raise StoreError(f"{Path(model_dir) / FFN_DIR / layer_key(layer)}: cannot open the "
+                         f"bundle array ({e}); run `flashjax verify {model_dir}`") from None
+
+
+def read_rows(store: ts.TensorStore, rows, *, where: str) -> np.ndarray:
+    """Read bundle rows (an index array or slice) with a clear error on failure."""
+    try:
+        return store[rows].read().result()
+    except Exception as e:
+        raise StoreError(f"{where}: reading bundle rows failed ({e}); the shard file may be "
+                         f"truncated or corrupt") from None
+
+
+def load_checksums(model_dir: Path) -> np.ndarray:
+    path = Path(model_dir) / FFN_DIR / CHECKSUM_FILE
+    try:
+        return np.load(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing checksum file") from None
+
+
+def check_rows(rows: np.ndarray, ids: np.ndarray, expected: np.ndarray, *, where: str) -> None:
+    """Compare rows' crc32 with the stored ones; name the first bad neurons."""
+    bad = np.flatnonzero(row_checksums(rows) != expected[ids])
+    if bad.size:
+        shown = ", ".join(str(int(i)) for i in np.asarray(ids)[bad[:8]])
+        raise StoreError(f"{where}: crc32 mismatch in {bad.size} row(s) (neurons {shown}"
+                         f"{', ...' if bad.size > 8 else ''}); the flash store is corrupt, "
+                         f"reconvert the model")
+
+
+def read_layer(model_dir: Path, layer: int, checksums: np.ndarray | None = None,
+               context: ts.Context | None = None) -> np.ndarray:
+    """All bundles of one layer, checked against the stored crc32 when given."""
+    where = str(Path(model_dir) / FFN_DIR / layer_key(layer))
+    store = open_layer(model_dir, layer, context)
+    rows = read_rows(store, slice(None), where=where)
+    if checksums is not None:
+        check_rows(rows, np.arange(rows.shape[0]), checksums[layer], where=where)
+    return rows

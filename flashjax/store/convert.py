@@ -1,0 +1,203 @@
+"""Hugging Face OPT checkpoint -> flashjax model directory.
+
+The conversion is a table: each flashjax parameter names its HF tensor and a transform. Every
+key and shape is checked before anything is written; tensors are then read one at a time, the
+FFN of one layer at a time, so peak memory is about the DRAM part plus one layer's FFN. Output
+goes to a hidden sibling directory that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from flashjax.config import ModelConfig
+from flashjax.store import bundles
+from flashjax.store.hf import CheckpointError, HFCheckpoint
+from flashjax.store.manifest import DRAM_DIR, DTYPES, Manifest
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float32": np.dtype(np.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """flashjax parameter ``path`` <- HF tensor ``key`` of HF shape ``hf_shape``, via ``fn``."""
+
+    path: tuple[str, ...]
+    key: str
+    hf_shape: tuple[int, ...]
+    fn: Callable[[np.ndarray], np.ndarray] = lambda w: w
+
+
+def _transpose(w):
+    return w.T
+
+
+def _linear(shape_in: tuple[int, ...], shape_out: tuple[int, ...]):
+    """torch Linear weight [out, in] -> Flax kernel [*shape_in, *shape_out]."""
+    return lambda w: w.T.reshape(*shape_in, *shape_out)
+
+
+def dram_table(cfg: ModelConfig, prefix: str) -> list[Entry]:
+    """Every DRAM-resident parameter of an OPT model and where it comes from."""
+    d, p, v, n = cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size, cfg.ffn_dim
+    heads = (cfg.num_attention_heads, cfg.head_dim)
+    t = [Entry(("embed_tokens", "embedding"), f"{prefix}embed_tokens.weight", (v, p)),
+         Entry(("embed_positions", "embedding"), f"{prefix}embed_positions.weight",
+               (cfg.max_position_embeddings + cfg.POSITION_OFFSET, d))]
+    if cfg.has_projections:
+        t += [Entry(("project_in", "kernel"), f"{prefix}project_in.weight", (d, p), _transpose),
+              Entry(("project_out", "kernel"), f"{prefix}project_out.weight", (p, d), _transpose)]
+    if cfg.has_final_layer_norm:
+        t += [Entry(("final_layer_norm", "scale"), f"{prefix}final_layer_norm.weight", (d,)),
+              Entry(("final_layer_norm", "bias"), f"{prefix}final_layer_norm.bias", (d,))]
+    if not cfg.tie_word_embeddings:
+        t += [Entry(("lm_head", "kernel"), "lm_head.weight", (v, p), _transpose)]
+    for i in range(cfg.num_hidden_layers):
+        hf, me = f"{prefix}layers.{i}.", f"layers_{i}"
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            t += [Entry((me, "self_attn", proj, "kernel"), f"{hf}self_attn.{proj}.weight", (d, d),
+                        _linear((d,), heads)),
+                  Entry((me, "self_attn", proj, "bias"), f"{hf}self_attn.{proj}.bias", (d,),
+                        lambda w: w.reshape(heads))]
+        t += [Entry((me, "self_attn", "out_proj", "kernel"), f"{hf}self_attn.out_proj.weight",
+                    (d, d), _linear(heads, (d,))),
+              Entry((me, "self_attn", "out_proj", "bias"), f"{hf}self_attn.out_proj.bias", (d,))]
+        for norm in ("self_attn_layer_norm", "final_layer_norm"):
+            t += [Entry((me, norm, "scale"), f"{hf}{norm}.weight", (d,)),
+                  Entry((me, norm, "bias"), f"{hf}{norm}.bias", (d,))]
+        # The FFN biases are small and stay in DRAM; the weights go to the flash store.
+        t += [Entry((me, "ffn", "fc1", "bias"), f"{hf}fc1.bias", (n,)),
+              Entry((me, "ffn", "fc2", "bias"), f"{hf}fc2.bias", (d,))]
+    return t
+
+
+def ffn_keys(cfg: ModelConfig, prefix: str, layer: int) -> dict[str, tuple[int, int]]:
+    """HF FFN weight names of one layer and their shapes (torch Linear: [out, in])."""
+    hf = f"{prefix}layers.{layer}."
+    return {f"{hf}fc1.weight": (cfg.ffn_dim, cfg.hidden_size),
+            f"{hf}fc2.weight": (cfg.hidden_size, cfg.ffn_dim)}
+
+
+def bundle_rows(fc1_weight: np.ndarray, fc2_weight: np.ndarray) -> np.ndarray:
+    """Row i = [W_up[:, i], W_down[i, :]] = [fc1.weight[i, :], fc2.weight[:, i]]."""
+    return np.concatenate([fc1_weight, fc2_weight.T], axis=1)
+
+
+def _prefix(keys: set[str]) -> str:
+    for prefix in ("model.decoder.", "decoder."):
+        if f"{prefix}embed_tokens.weight" in keys:
+            return prefix
+    raise CheckpointError("no '(model.)decoder.embed_tokens.weight' tensor: not an OPT checkpoint")
+
+
+def _check(ckpt: HFCheckpoint, cfg: ModelConfig, prefix: str, table: list[Entry]) -> None:
+    """Every tensor present with the shape the config implies; report all problems at once."""
+    wanted = {e.key: e.hf_shape for e in table}
+    for layer in range(cfg.num_hidden_layers):
+        wanted.update(ffn_keys(cfg, prefix, layer))
+    keys = ckpt.keys()
+    problems = [f"tensor {k!r} is missing" for k in wanted if k not in keys]
+    problems += [f"tensor {k!r} has shape {ckpt.shape(k)}, expected {s} from config.json"
+                 for k, s in wanted.items() if k in keys and ckpt.shape(k) != s]
+    if problems:
+        raise CheckpointError(f"{ckpt.dir}: " + "; ".join(problems[:10])
+                              + (f"; and {len(problems) - 10} more" if len(problems) > 10 else ""))
+    extra = keys - set(wanted) - {"lm_head.weight"}
+    if extra:
+        log.warning("%s: ignoring %d tensor(s) flashjax does not use: %s", ckpt.dir, len(extra),
+                    sorted(extra)[:5])
+
+
+def _source_dtype(ckpt: HFCheckpoint, prefix: str) -> str:
+    found = ckpt.dtype(f"{prefix}embed_tokens.weight")
+    return {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(found, "float32")
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
+            progress: bool = True) -> Manifest:
+    """Convert the Hugging Face OPT checkpoint in ``hf_dir`` into ``out_dir``.
+
+    ``dtype`` (float16, bfloat16, float32) is the storage type of every tensor; by default the
+    checkpoint's own. ``out_dir`` must not exist.
+    """
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"output directory {out_dir} already exists; choose a new path "
+                              f"or remove it first")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
+    cfg = ModelConfig.from_json_file(hf_dir / "config.json")
+    ckpt = HFCheckpoint(hf_dir)
+    prefix = _prefix(ckpt.keys())
+    table = dram_table(cfg, prefix)
+    _check(ckpt, cfg, prefix, table)
+    dtype = dtype or _source_dtype(ckpt, prefix)
+    np_dtype = NP_DTYPES[dtype]
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        dram: dict = {}
+        for e in table:
+            _set(dram, e.path, np.ascontiguousarray(e.fn(ckpt.get(e.key)).astype(np_dtype)))
+        dram_bytes = sum(x.nbytes for x in _leaves(dram))
+        checksums = np.zeros((cfg.num_hidden_layers, cfg.ffn_dim), np.uint32)
+        context = bundles.write_context()
+        (tmp / bundles.FFN_DIR).mkdir()
+        for layer in tqdm(range(cfg.num_hidden_layers), desc="convert FFN layers", unit="layer",
+                          disable=not progress):
+            fc1, fc2 = (ckpt.get(k) for k in ffn_keys(cfg, prefix, layer))
+            rows = bundle_rows(fc1, fc2).astype(np_dtype)
+            del fc1, fc2
+            bundles.create_layer(tmp, layer, rows, context)
+            checksums[layer] = bundles.row_checksums(rows)
+            del rows
+        np.save(tmp / bundles.FFN_DIR / bundles.CHECKSUM_FILE, checksums)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save((tmp / DRAM_DIR).absolute(), dram)
+        checkpointer.wait_until_finished()
+        tokenizer = None
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).exists():
+                shutil.copy2(hf_dir / name, tmp / name)
+        if (hf_dir / "tokenizer.json").exists():
+            tokenizer = "tokenizer.json"
+        elif (hf_dir / "vocab.json").exists() and (hf_dir / "merges.txt").exists():
+            tokenizer = "vocab.json"
+        manifest = Manifest(config=cfg, dtype=dtype, dram_bytes=dram_bytes, tokenizer=tokenizer,
+                            source={"path": str(hf_dir.absolute()),
+                                    "files": sorted({p.name for p in ckpt.files.values()})})
+        manifest.write(tmp)  # written last: a directory without it never loads
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _leaves(tree):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else [v])

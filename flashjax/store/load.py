@@ -1,0 +1,60 @@
+"""Read a converted model directory back: DRAM parameters, FFN bundles, tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from flashjax.store import bundles
+from flashjax.store.manifest import DRAM_DIR, Manifest
+
+
+def read_dram(model_dir: str | Path) -> dict:
+    """The DRAM-resident parameter tree (numpy, storage dtype), without the FFN weights."""
+    path = (Path(model_dir) / DRAM_DIR).absolute()
+    try:
+        return ocp.StandardCheckpointer().restore(path)
+    except Exception as e:
+        raise bundles.StoreError(f"{path}: cannot restore the DRAM checkpoint ({e})") from None
+
+
+def split_bundles(rows: np.ndarray, d_model: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bundle rows [n, 2D] -> (fc1 kernel [D, n], fc2 kernel [n, D])."""
+    return rows[:, :d_model].T, rows[:, d_model:]
+
+
+def read_dense_ffn(model_dir: str | Path, manifest: Manifest, progress: bool = True,
+                   dtype=None) -> list[dict]:
+    """Every layer's FFN kernels rebuilt from its bundles, crc32-checked."""
+    checksums = bundles.load_checksums(model_dir)
+    cfg = manifest.config
+    if checksums.shape != (cfg.num_hidden_layers, cfg.ffn_dim):
+        raise bundles.StoreError(f"{Path(model_dir) / bundles.FFN_DIR / bundles.CHECKSUM_FILE}: "
+                                 f"shape {checksums.shape}, expected "
+                                 f"{(cfg.num_hidden_layers, cfg.ffn_dim)}")
+    out = []
+    for layer in tqdm(range(cfg.num_hidden_layers), desc="read FFN", unit="layer",
+                      disable=not progress):
+        rows = bundles.read_layer(model_dir, layer, checksums)
+        if dtype is not None:
+            rows = rows.astype(dtype)
+        up, down = split_bundles(rows, cfg.hidden_size)
+        out.append({"fc1": {"kernel": np.ascontiguousarray(up)},
+                    "fc2": {"kernel": np.ascontiguousarray(down)}})
+    return out
+
+
+def load_tokenizer(model_dir: str | Path, manifest: Manifest):
+    """A ``tokenizers.Tokenizer`` for the model, or None when the directory has none."""
+    if manifest.tokenizer is None:
+        return None
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import ByteLevelBPETokenizer
+
+    model_dir = Path(model_dir)
+    if manifest.tokenizer == "tokenizer.json":
+        return Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return ByteLevelBPETokenizer(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))

@@ -126,20 +126,22 @@ class TextExtractor(HTMLParser):
 
 
 def html_to_blocks(path):
+    """Kept (kind, text) blocks of one page: drops short/boilerplate lines."""
     parser = TextExtractor()
     with open(path, encoding="utf-8", errors="replace") as f:
         parser.feed(f.read())
     parser.close()
     parser.flush()
-    return parser.blocks if parser.main_blocks is None else parser.main_blocks
+    blocks = parser.blocks if parser.main_blocks is None else parser.main_blocks
+    return [(kind, text) for kind, text in blocks if keep_block(kind, text)]
 
 
 def keep_block(kind, text):
     if kind == "code":
         return len(text) >= 20
-    if kind == "heading":
-        return len(text) >= 3 and not BOILERPLATE.match(text)
-    return len(text) >= 12 and len(text.split()) >= 2 and not BOILERPLATE.match(text)
+    if BOILERPLATE.match(text):
+        return False
+    return len(text) >= 3 if kind == "heading" else len(text) >= 12 and len(text.split()) >= 2
 
 
 def fetch_package(name, workdir):
@@ -166,15 +168,11 @@ def fetch_package(name, workdir):
 
 def list_pages(root, include):
     """Sorted relative paths of regular .html files (symlinks not followed)."""
-    pages = []
-    for d, _, files in os.walk(root):
-        for fn in files:
-            path = os.path.join(d, fn)
-            rel = os.path.relpath(path, root)
-            if (fn.endswith(".html") and not os.path.islink(path)
-                    and re.search(include, rel) and not SKIP_FILES.search(rel)):
-                pages.append(rel)
-    return sorted(pages)
+    paths = (os.path.join(d, fn) for d, _, fns in os.walk(root) for fn in fns)
+    return sorted(os.path.relpath(p, root) for p in paths
+                  if p.endswith(".html") and not os.path.islink(p)
+                  and re.search(include, os.path.relpath(p, root))
+                  and not SKIP_FILES.search(os.path.relpath(p, root)))
 
 
 def main():
@@ -196,8 +194,6 @@ def main():
             for rel in tqdm(pages, desc=name, unit="page", mininterval=1.0):
                 kept = []
                 for kind, text in html_to_blocks(os.path.join(root, rel)):
-                    if not keep_block(kind, text):
-                        continue
                     key = hashlib.sha1(text.encode()).digest()
                     n_dups += key in seen
                     if key not in seen:
@@ -214,15 +210,16 @@ def main():
     splits = {"train": [], "heldout": []}
     for key, doc in docs:
         h = int(hashlib.sha256(f"{args.seed}:{key}".encode()).hexdigest(), 16)
-        splits["heldout" if h % 10000 < args.heldout_pct * 100 else "train"].append(doc)
+        splits["heldout" if h % 10000 < args.heldout_pct * 100 else "train"].append((key, doc))
     stats = {}
     for split, items in splits.items():
-        text = "\n\n".join(items) + "\n"
+        text = "\n\n".join(doc for _, doc in items) + "\n"
         with open(os.path.join(args.out, f"{split}.txt"), "w", encoding="utf-8") as f:
             f.write(text)
         stats[split] = {"documents": len(items), "bytes": len(text.encode()),
                         "chars": len(text), "sha256": hashlib.sha256(text.encode()).hexdigest()}
         print(f"{split}: {len(items)} docs, {len(text.encode()) / 1e6:.2f} MB")
+    stats["heldout"]["document_keys"] = [key for key, _ in splits["heldout"]]
     prov = {"command": " ".join(["python"] + sys.argv), "args": vars(args),
             "method": "apt-get download <pkg>; dpkg-deb -x; html.parser text extraction; "
                       "global exact-paragraph dedupe; document goes to heldout iff "

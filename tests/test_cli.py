@@ -1,0 +1,32 @@
+"""The command line: convert, generate --json, verify, and its error exit."""
+
+from __future__ import annotations
+
+import json
+
+import flashjax
+from flashjax.cli import main
+from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+
+
+def test_convert_generate_verify(tmp_path, capsys):
+    synthetic_hf_checkpoint(tmp_path / "hf", tiny_opt_config(), dtype="float16")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "fj"), "--dtype", "bfloat16"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "fj"), "--prompt-ids", "2,10,11",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = flashjax.load(tmp_path / "fj", progress=False)
+    assert out["token_ids"] == model.generate([2, 10, 11], max_new_tokens=5)
+    assert out["text"] is None  # no tokenizer in this model dir
+    assert main(["verify", str(tmp_path / "fj")]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    synthetic_hf_checkpoint(tmp_path / "hf", tiny_opt_config())
+    (tmp_path / "fj").mkdir()
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "fj")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "2"]) == 2
+    assert "run `flashjax convert` first" in capsys.readouterr().err

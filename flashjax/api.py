@@ -23,7 +23,7 @@ def load(path: str | Path, *, dtype=None, progress: bool = True) -> Model:
     manifest = Manifest.read(path)
     dtype = jnp.dtype(dtype) if dtype is not None else default_compute_dtype(
         NP_DTYPES[manifest.dtype])
-    params = read_dram(path)
+    params = read_dram(path, manifest)
     for layer, ffn in enumerate(read_dense_ffn(path, manifest, progress=progress)):
         for name in ("fc1", "fc2"):
             params[f"layers_{layer}"]["ffn"][name].update(ffn[name])

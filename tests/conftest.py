@@ -38,7 +38,8 @@ def converted(tmp_path_factory):
     def get(variant: str, dtype: str | None = None) -> Converted:
         if variant not in made:
             root = tmp_path_factory.mktemp(variant)
-            ref = random_hf_checkpoint(root / "hf", VARIANTS[variant], seed=len(made))
+            ref = random_hf_checkpoint(root / "hf", VARIANTS[variant],
+                                       seed=sorted(VARIANTS).index(variant))
             made[variant] = (root, ref)
         root, ref = made[variant]
         out = root / f"flashjax-{dtype or 'source'}"

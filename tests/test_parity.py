@@ -40,10 +40,12 @@ def hf_logits(ref, ids, mask=None):
 
 
 def hf_greedy(ref, prompt, n):
+    """Greedy continuation by full recomputation with the reference (no early stop at eos)."""
+    ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=1)
-    return out[0, len(prompt):].tolist()
+        for _ in range(n):
+            ids = torch.cat([ids, ref(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

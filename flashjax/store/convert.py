@@ -160,25 +160,30 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        dram: dict = {}
-        for e in table:
-            _set(dram, e.path, np.ascontiguousarray(e.fn(ckpt.get(e.key)).astype(np_dtype)))
-        dram_bytes = sum(x.nbytes for x in _leaves(dram))
         checksums = np.zeros((cfg.num_hidden_layers, cfg.ffn_dim), np.uint32)
         context = bundles.write_context()
         (tmp / bundles.FFN_DIR).mkdir()
-        for layer in tqdm(range(cfg.num_hidden_layers), desc="convert FFN layers", unit="layer",
-                          disable=not progress):
-            fc1, fc2 = (ckpt.get(k) for k in ffn_keys(cfg, prefix, layer))
-            rows = bundle_rows(fc1, fc2).astype(np_dtype)
-            del fc1, fc2
-            bundles.create_layer(tmp, layer, rows, context)
-            checksums[layer] = bundles.row_checksums(rows)
-            del rows
+        dram_bytes = 0
+        # One orbax checkpoint per DRAM group (orbax copies a tree while saving it, so saving
+        # the whole DRAM part at once would double its memory); each layer's FFN goes to the
+        # flash store in the same pass.
+        for group in tqdm(dram_groups(cfg), desc="convert", unit="group", disable=not progress):
+            tree: dict = {}
+            for e in table:
+                if dram_group(e.path) == group:
+                    _set(tree, e.path, np.ascontiguousarray(e.fn(ckpt.get(e.key)).astype(np_dtype)))
+            dram_bytes += sum(x.nbytes for x in _leaves(tree))
+            save_dram_group(tmp, group, tree)
+            del tree
+            if group != "top":
+                layer = int(group.split("_")[1])
+                fc1, fc2 = (ckpt.get(k) for k in ffn_keys(cfg, prefix, layer))
+                rows = bundle_rows(fc1, fc2).astype(np_dtype)
+                del fc1, fc2
+                bundles.create_layer(tmp, layer, rows, context)
+                checksums[layer] = bundles.row_checksums(rows)
+                del rows
         np.save(tmp / bundles.FFN_DIR / bundles.CHECKSUM_FILE, checksums)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save((tmp / DRAM_DIR).absolute(), dram)
-        checkpointer.wait_until_finished()
         tokenizer = None
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
@@ -196,6 +201,21 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def dram_group(path: tuple[str, ...]) -> str:
+    """The DRAM checkpoint a parameter is saved in: its layer's, or "top"."""
+    return f"layer_{int(path[0].split('_')[1]):03d}" if path[0].startswith("layers_") else "top"
+
+
+def dram_groups(cfg: ModelConfig) -> list[str]:
+    return ["top"] + [f"layer_{i:03d}" for i in range(cfg.num_hidden_layers)]
+
+
+def save_dram_group(model_dir: Path, group: str, tree: dict) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((model_dir / DRAM_DIR / group).absolute(), tree)
+    checkpointer.wait_until_finished()
 
 
 def _leaves(tree):

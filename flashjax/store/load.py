@@ -12,13 +12,19 @@ from flashjax.store import bundles
 from flashjax.store.manifest import DRAM_DIR, Manifest
 
 
-def read_dram(model_dir: str | Path) -> dict:
+def read_dram(model_dir: str | Path, manifest: Manifest) -> dict:
     """The DRAM-resident parameter tree (numpy, storage dtype), without the FFN weights."""
-    path = (Path(model_dir) / DRAM_DIR).absolute()
-    try:
-        return ocp.StandardCheckpointer().restore(path)
-    except Exception as e:
-        raise bundles.StoreError(f"{path}: cannot restore the DRAM checkpoint ({e})") from None
+    from flashjax.store.convert import dram_groups
+
+    params: dict = {}
+    checkpointer = ocp.StandardCheckpointer()
+    for group in dram_groups(manifest.config):
+        path = (Path(model_dir) / DRAM_DIR / group).absolute()
+        try:
+            params.update(checkpointer.restore(path))
+        except Exception as e:
+            raise bundles.StoreError(f"{path}: cannot restore the DRAM checkpoint ({e})") from None
+    return params
 
 
 def split_bundles(rows: np.ndarray, d_model: int) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ def verify(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     manifest = Manifest.read(model_dir)
     cfg = manifest.config
-    read_dram(model_dir)
+    read_dram(model_dir, manifest)
     checksums = bundles.load_checksums(model_dir)
     for layer in tqdm(range(cfg.num_hidden_layers), desc="verify FFN", unit="layer"):
         store = bundles.open_layer(model_dir, layer)

@@ -1,28 +1,54 @@
-"""``flashjax.load``: open a converted model directory."""
+"""``flashjax.load``: open a converted model directory, densely or flash-backed."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from flashjax.budget import MemoryPlan, parse_budget
 from flashjax.runtime import Model, default_compute_dtype
+from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
-from flashjax.store.load import load_tokenizer, read_dense_ffn, read_dram
-from flashjax.store.manifest import Manifest
+from flashjax.store.load import load_tokenizer, read_dense_ffn, read_dram, split_bundles
+from flashjax.store.manifest import DTYPE_BYTES, Manifest
+
+log = logging.getLogger(__name__)
+MIN_CAPACITY = 32  # fewer resident rows per layer than this is not a useful configuration
 
 
-def load(path: str | Path, *, dtype=None, progress: bool = True) -> Model:
+def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int = 4,
+         dtype=None, progress: bool = True, **engine_options) -> Model:
     """Load a converted model directory (see ``flashjax convert``).
 
-    Returns a ``Model`` with every weight in DRAM, computing in ``dtype`` (default: float32
-    on CPU, the storage dtype on accelerators). FFN bundles are crc32-checked as they load.
+    Without ``dram_budget`` (and with the default ``predictor``) every weight is read into
+    DRAM: the dense model. With ``dram_budget`` the FFN weights stay on flash and the model
+    holds at most that many bytes: an int, "6GB", "512MiB", a fraction (0.5) or percentage
+    ("50%") of the model's dense size in the compute dtype. ``predictor`` chooses the
+    neurons each token reads: "oracle" (exact, from the full up-projection held outside the
+    budget: for testing and as an upper bound), "lowrank" (trained predictors), None (every
+    row, every token: the naive baseline); "auto" is "lowrank" when the model has predictors,
+    else "oracle". ``window`` keeps neurons used by the last k tokens. Computation is in
+    ``dtype`` (default float32 on CPU, the storage dtype on accelerators). Further keyword
+    arguments set ``flashjax.engine.EngineOptions``.
     """
     path = Path(path)
     manifest = Manifest.read(path)
     dtype = jnp.dtype(dtype) if dtype is not None else default_compute_dtype(
         NP_DTYPES[manifest.dtype])
+    flash = dram_budget is not None or predictor != "auto" or engine_options
+    if not flash:
+        return _load_dense(path, manifest, dtype, progress)
+    if predictor == "auto":
+        predictor = "lowrank" if (path / "predictors").exists() else "oracle"
+    return _load_flash(path, manifest, dtype, dram_budget, predictor, window, engine_options)
+
+
+def _load_dense(path: Path, manifest: Manifest, dtype, progress: bool) -> Model:
     params = read_dram(path, manifest)
     for layer, ffn in enumerate(read_dense_ffn(path, manifest, progress=progress)):
         for name in ("fc1", "fc2"):
@@ -30,3 +56,77 @@ def load(path: str | Path, *, dtype=None, progress: bool = True) -> Model:
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return Model(manifest.config, params, tokenizer=load_tokenizer(path, manifest), path=path,
                  dtype=dtype)
+
+
+def dense_bytes(manifest: Manifest, dtype) -> int:
+    """The model's size when held whole in DRAM in ``dtype``: what fractions refer to."""
+    return manifest.total_bytes * jnp.dtype(dtype).itemsize // DTYPE_BYTES[manifest.dtype]
+
+
+def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options) -> MemoryPlan:
+    """Split ``budget``: fixed parts first, then equal neuron buffers for every layer."""
+    cfg = manifest.config
+    item = jnp.dtype(dtype).itemsize
+    layers, n, d = cfg.num_hidden_layers, cfg.ffn_dim, cfg.hidden_size
+    kv = (2 * layers * options.max_batch * options.max_context * d * item
+          + options.max_batch * options.max_context)
+    predictors = 0
+    index_fixed = layers * n * 4  # neuron -> slot maps
+    # per row of capacity: up + down rows and bias in every layer, slot id + last use in
+    # every layer, one staging row
+    per_row = layers * ((2 * d + 1) * item + 4 + 8) + manifest.row_bytes
+    fixed = resident_bytes + kv + predictors + index_fixed
+    capacity = min(n, max(0, (budget - fixed) // per_row))
+    need = min(n, MIN_CAPACITY)
+    if capacity < need:
+        minimum = fixed + need * per_row
+        raise ValueError(
+            f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} bytes for "
+            f"{cfg.num_hidden_layers} layers x {need} neurons: resident weights {resident_bytes:,}"
+            f" + KV cache {kv:,} (max_batch {options.max_batch} x max_context "
+            f"{options.max_context}) + index {index_fixed:,} + neuron buffers "
+            f"{need * per_row:,}")
+    return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
+                      staging=capacity * manifest.row_bytes,
+                      index=index_fixed + capacity * layers * 12,
+                      buffers=capacity * layers * (2 * d + 1) * item, capacity=int(capacity))
+
+
+def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, window,
+                engine_options) -> Model:
+    from flashjax.engine import PREDICTORS, EngineOptions, FlashModel
+    from flashjax.store.reader import FlashReader
+
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor {predictor!r} is not one of {PREDICTORS}")
+    if predictor == "lowrank":
+        raise ValueError(f"{path}: predictor 'lowrank' needs trained predictors in "
+                         f"{path / 'predictors'}; train them with `flashjax train-predictors` "
+                         f"or use predictor='oracle'")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    cfg = manifest.config
+    options = EngineOptions(predictor=predictor, window=window, **engine_options)
+    if options.max_context is None:
+        options = dataclasses.replace(options,
+                                      max_context=min(cfg.max_position_embeddings, 512))
+    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), read_dram(path, manifest))
+    resident = sum(x.nbytes for x in jax.tree.leaves(params))
+    budget = parse_budget(dram_budget if dram_budget is not None else 1.0,
+                          dense_bytes(manifest, dtype))
+    plan = plan_memory(manifest, dtype, budget, resident, options)
+    fc1_bias = [np.asarray(params[f"layers_{i}"]["ffn"]["fc1"]["bias"])
+                for i in range(cfg.num_hidden_layers)]
+    oracle = None
+    if predictor == "oracle":
+        checksums = bundles.load_checksums(path)
+        oracle = []
+        for layer in range(cfg.num_hidden_layers):
+            up, _ = split_bundles(bundles.read_layer(path, layer, checksums), cfg.hidden_size)
+            oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer])))
+    reader = FlashReader(path, manifest, max_rows=plan.capacity, direct_io=options.direct_io,
+                         concurrency=options.reader_threads, verify=options.verify_reads)
+    log.info("flash model %s: budget %d bytes, %d rows per layer", path, budget, plan.capacity)
+    return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
+                      oracle=oracle, tokenizer=load_tokenizer(path, manifest), path=path,
+                      dtype=dtype)

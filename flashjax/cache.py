@@ -1,0 +1,173 @@
+"""Per-layer neuron cache: which FFN neurons are resident in DRAM, in which slot, since when.
+
+The paper's memory management: a preallocated buffer of ``capacity`` rows per layer; the live
+rows are always slots ``[0, n)``. Deleting neurons moves the last live rows into the freed
+slots; new neurons are appended after the last live row; an index maps slot -> neuron id (and
+back). Nothing is reallocated. This module is the host-side bookkeeping and plans the device
+updates; ``NeuronBuffer`` holds the rows themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+NEVER = np.iinfo(np.int64).min // 2  # last-used step of a slot that holds nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one token changes in one layer's cache (all int32 numpy arrays).
+
+    holes[i] <- movers[i]: live rows moved into the slots of deleted neurons;
+    append_slots[i] <- missing[i]: neurons to read from flash, in ascending id order.
+    """
+
+    holes: np.ndarray
+    movers: np.ndarray
+    append_slots: np.ndarray
+    missing: np.ndarray
+    evicted: np.ndarray  # neuron ids that left the cache
+    dropped: int  # needed neurons that did not fit (lowest scores first)
+
+
+class NeuronCache:
+    """Slot bookkeeping for one layer: capacity C slots over N neurons."""
+
+    def __init__(self, n_neurons: int, capacity: int):
+        if not 0 < capacity <= n_neurons:
+            raise ValueError(f"capacity must be in [1, {n_neurons}], got {capacity}")
+        self.capacity = capacity
+        self.slot_ids = np.full(capacity, -1, np.int32)  # slot -> neuron id, -1 when free
+        self.slot_of = np.full(n_neurons, -1, np.int32)  # neuron id -> slot, -1 when absent
+        self.last_used = np.full(capacity, NEVER, np.int64)  # slot -> last step it was needed
+        self.n = 0  # live slots are [0, n)
+
+    @property
+    def resident(self) -> np.ndarray:
+        return self.slot_ids[:self.n]
+
+    def plan(self, needed: np.ndarray, step: int, window: int,
+             scores: np.ndarray | None = None) -> Plan:
+        """Make ``needed`` (neuron ids) resident for token ``step`` and update the bookkeeping.
+
+        Keeps every neuron needed by one of the last ``window`` tokens while there is room;
+        beyond that evicts the least recently needed. If ``needed`` alone exceeds the capacity,
+        keeps the highest ``scores`` (or the lowest ids when no scores) and counts the rest as
+        dropped.
+        """
+        needed = np.unique(np.asarray(needed, np.int32))
+        dropped = 0
+        if needed.size > self.capacity:
+            dropped = needed.size - self.capacity
+            if scores is None:
+                needed = needed[:self.capacity]
+            else:
+                top = np.argpartition(-scores[needed], self.capacity - 1)[:self.capacity]
+                needed = np.sort(needed[top])
+        slots = self.slot_of[needed]
+        hit = slots >= 0
+        self.last_used[slots[hit]] = step
+        missing = needed[~hit]
+
+        live_last = self.last_used[:self.n]
+        expired = np.flatnonzero(live_last <= step - window)
+        overflow = self.n - expired.size + missing.size - self.capacity
+        if overflow > 0:  # the window holds more than fits: drop the least recently needed
+            keep = np.flatnonzero(live_last > step - window)
+            keep = keep[live_last[keep] < step]  # never the current token's neurons
+            oldest = keep[np.argsort(live_last[keep], kind="stable")[:overflow]]
+            expired = np.sort(np.concatenate([expired, oldest]))
+        evicted = self.slot_ids[expired].copy()
+
+        new_n = self.n - expired.size
+        holes = expired[expired < new_n].astype(np.int32)
+        tail = np.arange(new_n, self.n, dtype=np.int32)
+        movers = np.setdiff1d(tail, expired, assume_unique=True).astype(np.int32)
+        self.slot_of[evicted] = -1
+        self.slot_ids[holes] = self.slot_ids[movers]
+        self.last_used[holes] = self.last_used[movers]
+        self.slot_of[self.slot_ids[holes]] = holes
+        self.slot_ids[new_n:self.n] = -1
+        self.last_used[new_n:self.n] = NEVER
+
+        append_slots = np.arange(new_n, new_n + missing.size, dtype=np.int32)
+        self.slot_ids[append_slots] = missing
+        self.slot_of[missing] = append_slots
+        self.last_used[append_slots] = step
+        self.n = new_n + missing.size
+        return Plan(holes=holes, movers=movers, append_slots=append_slots, missing=missing,
+                    evicted=evicted, dropped=int(dropped))
+
+    def check(self) -> None:
+        """Invariants (for tests): live slots contiguous, index a bijection."""
+        live = self.slot_ids[:self.n]
+        assert (live >= 0).all() and (self.slot_ids[self.n:] == -1).all()
+        assert np.unique(live).size == self.n
+        assert (self.slot_of[live] == np.arange(self.n)).all()
+        assert (self.slot_of >= 0).sum() == self.n
+
+
+@struct.dataclass
+class NeuronBuffer:
+    """One layer's resident rows, fixed shape. Let C be capacity, D model width.
+
+    up: [C, D] up-projection columns (fc1 rows); down: [C, D] down-projection rows;
+    bias: [C] fc1 bias of each slot's neuron. Rows at slots >= n are stale and masked out.
+    """
+
+    up: jax.Array
+    down: jax.Array
+    bias: jax.Array
+
+    @classmethod
+    def init(cls, capacity: int, d_model: int, dtype=jnp.float32) -> NeuronBuffer:
+        return cls(up=jnp.zeros((capacity, d_model), dtype),
+                   down=jnp.zeros((capacity, d_model), dtype),
+                   bias=jnp.zeros((capacity,), dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.up.nbytes + self.down.nbytes + self.bias.nbytes
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def move_rows(buf: NeuronBuffer, holes, movers) -> NeuronBuffer:
+    """buf[holes] = buf[movers]; padded entries of holes are out of range and dropped.
+    ``buf`` is donated: rebind it to the result."""
+    return NeuronBuffer(up=buf.up.at[holes].set(buf.up[movers], mode="drop"),
+                        down=buf.down.at[holes].set(buf.down[movers], mode="drop"),
+                        bias=buf.bias.at[holes].set(buf.bias[movers], mode="drop"))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def append_rows(buf: NeuronBuffer, slots, rows, bias) -> NeuronBuffer:
+    """buf[slots] = bundle rows [A, 2D] split into up and down halves, cast to the buffer dtype."""
+    d = buf.up.shape[1]
+    return NeuronBuffer(up=buf.up.at[slots].set(rows[:, :d].astype(buf.up.dtype), mode="drop"),
+                        down=buf.down.at[slots].set(rows[:, d:].astype(buf.down.dtype), mode="drop"),
+                        bias=buf.bias.at[slots].set(bias.astype(buf.bias.dtype), mode="drop"))
+
+
+def buckets(capacity: int, smallest: int = 8) -> list[int]:
+    """Padded sizes for per-token index arrays: powers of two up to, and then, capacity."""
+    sizes, s = [], smallest
+    while s < capacity:
+        sizes.append(s)
+        s *= 2
+    return sizes + [capacity]
+
+
+def bucket_for(count: int, sizes: list[int]) -> int:
+    return next(s for s in sizes if s >= count)
+
+
+def pad(values: np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, np.int32)
+    out[:values.size] = values
+    return out

@@ -1,0 +1,332 @@
+"""Flash-backed generation: FFN rows stream from the flash store into fixed DRAM buffers.
+
+Per token and layer (see DESIGN.md): attention (jit) -> predicted active neurons (host) ->
+cache plan: which rows leave the window, which are missing (host) -> batched read of the
+missing bundle rows into the staging buffer (TensorStore) -> donated in-place row moves and
+appends on the device buffer (jit) -> FFN over the buffer (jit). Every step is timed and every
+byte counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.budget import MemoryPlan
+from flashjax.cache import NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets, move_rows, pad
+from flashjax.config import ModelConfig
+from flashjax.model.layers import DecoderLayer, KVCache
+from flashjax.model.opt import OPT
+from flashjax.model.sparse import SparseFFN
+from flashjax.runtime import Model
+from flashjax.store.reader import FlashReader, storage_read_bytes
+
+PREDICTORS = ("oracle", "lowrank", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """How a flash-backed model runs (everything jit does not specialise on)."""
+
+    predictor: str | None = "oracle"  # "oracle", "lowrank", or None: read every row
+    window: int = 4  # keep neurons needed by the last k tokens (the paper's OPT setting)
+    direct_io: bool = True  # O_DIRECT reads: the page cache never serves the flash store
+    reader_threads: int = 32  # concurrent reads in flight (the paper used 32)
+    max_context: int | None = None  # KV-cache slots reserved (None: min(max positions, 512))
+    max_batch: int = 1  # sequences per batch reserved in the budget
+    verify_reads: bool = False  # crc32-check every row read
+
+
+# -- jitted pieces: every layer has the same shapes, so each compiles once ---------------------
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
+def _embed(cfg: ModelConfig, params, tokens, positions, token_valid, cache: KVCache):
+    """tokens, positions, token_valid: [B] -> h [B, 1, D]; marks the new cache slot."""
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid[:, None], cache.index,
+                                                axis=1)
+    h = OPT(cfg).apply({"params": params}, tokens[:, None], positions[:, None], method=OPT.embed)
+    return h, cache.replace(valid=valid)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _attend(cfg: ModelConfig, layer_params, h, cache: KVCache, layer):
+    keys = jax.lax.dynamic_index_in_dim(cache.keys, layer, keepdims=False)
+    values = jax.lax.dynamic_index_in_dim(cache.values, layer, keepdims=False)
+    h, ffn_in, keys, values = DecoderLayer(cfg).apply(
+        {"params": layer_params}, h, keys, values, cache.valid, cache.index,
+        method=DecoderLayer.attend)
+    cache = cache.replace(
+        keys=jax.lax.dynamic_update_index_in_dim(cache.keys, keys, layer, axis=0),
+        values=jax.lax.dynamic_update_index_in_dim(cache.values, values, layer, axis=0))
+    return h, ffn_in, cache
+
+
+@jax.jit
+def _ffn_part(buf: NeuronBuffer, n_live, ffn_in, acc):
+    return acc + SparseFFN().apply({}, ffn_in, buf.up, buf.down, buf.bias, n_live)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish(cfg: ModelConfig, layer_params, h, ffn_out):
+    ffn_out = ffn_out + layer_params["ffn"]["fc2"]["bias"]
+    return DecoderLayer(cfg).apply({"params": layer_params}, h, ffn_out, method=DecoderLayer.finish)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def _head(cfg: ModelConfig, params, h, cache: KVCache):
+    logits = OPT(cfg).apply({"params": params}, h, method=OPT.head)[:, 0]
+    return logits, cache.replace(index=cache.index + 1)
+
+
+@jax.jit
+def _oracle_scores(w_up, b_up, ffn_in, token_valid):
+    """Exact FFN pre-activations [N], the max over the batch's real tokens."""
+    pre = jnp.einsum("bsd,dn->bsn", ffn_in, w_up) + b_up
+    pre = jnp.where(token_valid[:, None, None], pre, -jnp.inf)
+    return pre.max(axis=(0, 1))
+
+
+class Stats:
+    """Counters and per-token timings of one generation."""
+
+    PHASES = ("io", "memory", "predictor", "compute")
+
+    def __init__(self):
+        self.tokens = 0
+        self.rows_loaded = self.rows_evicted = self.rows_dropped = 0
+        self.rows_needed = 0
+        self.per_token: dict[str, list[float]] = {p: [] for p in self.PHASES}
+        self.rows_loaded_per_token: list[int] = []
+        self._storage0 = storage_read_bytes()
+        self._current = dict.fromkeys(self.PHASES, 0.0)
+        self._loaded_now = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self._current[phase] += seconds
+
+    def end_token(self) -> None:
+        for p in self.PHASES:
+            self.per_token[p].append(self._current[p])
+        self.rows_loaded_per_token.append(self._loaded_now)
+        self._current = dict.fromkeys(self.PHASES, 0.0)
+        self._loaded_now = 0
+        self.tokens += 1
+
+    def loaded(self, rows: int) -> None:
+        self.rows_loaded += rows
+        self._loaded_now += rows
+
+    def report(self, plan: MemoryPlan, row_bytes: int, extra: dict) -> dict:
+        storage = storage_read_bytes()
+        per_token = {f"{p}_s": self.per_token[p] for p in self.PHASES}
+        totals = [sum(v) for v in zip(*self.per_token.values())]
+        medians = {f"median_{p}_s": float(np.median(self.per_token[p])) if self.tokens else 0.0
+                   for p in self.PHASES}
+        return {
+            "dram_budget_bytes": plan.budget,
+            "peak_dram_bytes": plan.total,
+            "memory": plan.as_dict(),
+            "flash_bytes_read": self.rows_loaded * row_bytes,
+            "storage_bytes_read": None if storage is None or self._storage0 is None
+            else storage - self._storage0,
+            "rows_loaded": self.rows_loaded,
+            "rows_evicted": self.rows_evicted,
+            "rows_dropped": self.rows_dropped,
+            "rows_needed": self.rows_needed,
+            "tokens": self.tokens,
+            "rows_loaded_per_token": self.rows_loaded_per_token,
+            "per_token": {**per_token, "total_s": totals},
+            **medians,
+            "median_total_s": float(np.median(totals)) if totals else 0.0,
+            **extra,
+        }
+
+
+class FlashModel(Model):
+    """A model whose FFN weights stay on flash; see ``flashjax.load(..., dram_budget=...)``."""
+
+    def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
+                 options: EngineOptions, fc1_bias: list[np.ndarray], oracle=None, **kw):
+        super().__init__(cfg, params, **kw)
+        self.reader = reader
+        self.plan_ = plan
+        self.options = options
+        self.fc1_bias = fc1_bias  # host copies, per layer [N], to fill buffer bias slots
+        self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
+        self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
+        self.caches = [NeuronCache(cfg.ffn_dim, plan.capacity) for _ in self.layer_params]
+        self.buffers = [NeuronBuffer.init(plan.capacity, cfg.hidden_size, self.dtype)
+                        for _ in self.layer_params]
+        self.sizes = buckets(plan.capacity)
+        self.step_count = 0
+        self.stats = Stats()
+        self._warm_up()
+
+    @property
+    def memory(self) -> MemoryPlan:
+        return self.plan_
+
+    def _warm_up(self) -> None:
+        """Compile the row-update kernels for every padded size now, not while generating."""
+        d = self.cfg.hidden_size
+        width = self.cfg.bundle_width
+        for size in self.sizes:
+            idx = jnp.full((size,), self.plan_.capacity, jnp.int32)
+            self.buffers[0] = move_rows(self.buffers[0], idx, jnp.zeros((size,), jnp.int32))
+            rows = np.zeros((size, width), self.reader.staging.dtype)
+            self.buffers[0] = append_rows(self.buffers[0], idx, rows,
+                                          np.zeros(size, self.fc1_bias[0].dtype))
+        assert self.buffers[0].up.shape == (self.plan_.capacity, d)
+
+    def reset(self) -> None:
+        """Forget what is resident (buffers keep their memory) and start new statistics."""
+        self.caches = [NeuronCache(self.cfg.ffn_dim, self.plan_.capacity) for _ in self.caches]
+        self.step_count = 0
+        self.stats = Stats()
+
+    # -- one token through all layers ----------------------------------------------------------
+    def _step(self, tokens, positions, token_valid, cache: KVCache):
+        cfg, stats = self.cfg, self.stats
+        t0 = time.perf_counter()
+        h, cache = _embed(cfg, self.params, tokens, positions, token_valid, cache)
+        stats.add("compute", time.perf_counter() - t0)
+        for layer, layer_params in enumerate(self.layer_params):
+            t0 = time.perf_counter()
+            h, ffn_in, cache = _attend(cfg, layer_params, h, cache, layer)
+            ffn_in.block_until_ready()
+            stats.add("compute", time.perf_counter() - t0)
+            if self.options.predictor is None:
+                ffn_out = self._stream_layer(layer, ffn_in)
+            else:
+                ffn_out = self._cached_layer(layer, ffn_in, token_valid)
+            t0 = time.perf_counter()
+            h = _finish(cfg, layer_params, h, ffn_out)
+            stats.add("compute", time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        logits, cache = _head(cfg, self.params, h, cache)
+        logits.block_until_ready()
+        stats.add("compute", time.perf_counter() - t0)
+        stats.end_token()
+        self.step_count += 1
+        return logits, cache
+
+    def _predict(self, layer: int, ffn_in, token_valid) -> tuple[np.ndarray, np.ndarray]:
+        """(needed neuron ids, scores [N]) for this token."""
+        if self.options.predictor == "oracle":
+            w_up, b_up = self.oracle[layer]
+            scores = np.asarray(_oracle_scores(w_up, b_up, ffn_in, token_valid))
+            return np.flatnonzero(scores > 0).astype(np.int32), scores
+        raise NotImplementedError(self.options.predictor)
+
+    def _cached_layer(self, layer: int, ffn_in, token_valid):
+        stats = self.stats
+        t0 = time.perf_counter()
+        needed, scores = self._predict(layer, ffn_in, token_valid)
+        t1 = time.perf_counter()
+        stats.add("predictor", t1 - t0)
+        plan = self.caches[layer].plan(needed, self.step_count, self.options.window, scores)
+        buf = self.buffers[layer]
+        if plan.holes.size:
+            size = bucket_for(plan.holes.size, self.sizes)
+            buf = move_rows(buf, pad(plan.holes, size, self.plan_.capacity),
+                            pad(plan.movers, size, 0))
+        t2 = time.perf_counter()
+        stats.add("memory", t2 - t1)
+        rows = self.reader.read(layer, plan.missing)
+        t3 = time.perf_counter()
+        stats.add("io", t3 - t2)
+        if plan.missing.size:
+            size = bucket_for(plan.missing.size, self.sizes)
+            bias = np.zeros(size, self.fc1_bias[layer].dtype)
+            bias[:plan.missing.size] = self.fc1_bias[layer][plan.missing]
+            # Rows past the missing count are stale staging data; their slots are dropped.
+            buf = append_rows(buf, pad(plan.append_slots, size, self.plan_.capacity),
+                              self.reader.staging[:size], bias)
+        # The staging buffer is rewritten by the next layer's read: finish using it first.
+        jax.block_until_ready(buf)
+        self.buffers[layer] = buf
+        stats.add("memory", time.perf_counter() - t3)
+        stats.loaded(int(plan.missing.size))
+        stats.rows_evicted += int(plan.evicted.size)
+        stats.rows_dropped += plan.dropped
+        stats.rows_needed += int(needed.size)
+        t4 = time.perf_counter()
+        out = _ffn_part(buf, jnp.int32(self.caches[layer].n), ffn_in, jnp.zeros_like(ffn_in))
+        out.block_until_ready()
+        stats.add("compute", time.perf_counter() - t4)
+        return out
+
+    def _stream_layer(self, layer: int, ffn_in):
+        """The naive baseline: every row of the layer from flash, in buffer-sized chunks."""
+        stats, capacity = self.stats, self.plan_.capacity
+        n = self.cfg.ffn_dim
+        out = jnp.zeros_like(ffn_in)
+        slots = jnp.arange(capacity, dtype=jnp.int32)
+        for start in range(0, n, capacity):
+            count = min(capacity, n - start)
+            t0 = time.perf_counter()
+            self.reader.read(layer, slice(start, start + count))
+            t1 = time.perf_counter()
+            stats.add("io", t1 - t0)
+            bias = np.zeros(capacity, self.fc1_bias[layer].dtype)
+            bias[:count] = self.fc1_bias[layer][start:start + count]
+            buf = append_rows(self.buffers[layer], slots, self.reader.staging[:capacity], bias)
+            jax.block_until_ready(buf)
+            self.buffers[layer] = buf
+            t2 = time.perf_counter()
+            stats.add("memory", t2 - t1)
+            out = _ffn_part(buf, jnp.int32(count), ffn_in, out)
+            out.block_until_ready()
+            stats.add("compute", time.perf_counter() - t2)
+            stats.loaded(count)
+        stats.rows_needed += n
+        return out
+
+    # -- the runtime's two entry points, token by token ----------------------------------------
+    def _check_cache(self, cache: KVCache) -> None:
+        b, slots = cache.valid.shape
+        if b > self.options.max_batch or slots > self.options.max_context:
+            raise ValueError(
+                f"batch {b} x {slots} KV slots exceeds what the DRAM budget reserved "
+                f"(max_batch {self.options.max_batch} x max_context {self.options.max_context}); "
+                f"load with larger max_batch/max_context")
+
+    def _prefill(self, tokens, positions, valid, cache: KVCache):
+        """Feed the prompt one token at a time, so the window forms as in decoding."""
+        self._check_cache(cache)
+        tokens, positions, valid = (np.asarray(a) for a in (tokens, positions, valid))
+        logits = np.zeros((*tokens.shape, self.cfg.vocab_size), np.float32)
+        for j in range(tokens.shape[1]):
+            if not valid[:, j].any():  # a column of padding only: nothing to compute
+                cache = cache.replace(index=cache.index + 1)
+                continue
+            step_logits, cache = self._step(jnp.asarray(tokens[:, j]), jnp.asarray(positions[:, j]),
+                                            jnp.asarray(valid[:, j]), cache)
+            logits[:, j] = np.asarray(step_logits)
+        return logits, cache
+
+    def _decode(self, tokens, positions, cache: KVCache):
+        return self._step(tokens, positions, jnp.ones(tokens.shape, bool), cache)
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, *, return_stats: bool = False,
+                 **kw):
+        """As ``Model.generate``; with ``return_stats`` returns ``(ids, stats)`` (see README)."""
+        self.reset()
+        ids = super().generate(prompt_ids, max_new_tokens, **kw)
+        return (ids, self.last_stats()) if return_stats else ids
+
+    def logits(self, token_ids, attention_mask=None) -> np.ndarray:
+        self.reset()
+        return super().logits(token_ids, attention_mask)
+
+    def last_stats(self) -> dict:
+        return self.stats.report(self.plan_, self.reader.row_bytes, {
+            "predictor": self.options.predictor, "window": self.options.window,
+            "direct_io": self.options.direct_io, "capacity": self.plan_.capacity,
+            "oracle_bytes": sum(w.nbytes + b.nbytes for w, b in self.oracle or [])})

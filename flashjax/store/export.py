@@ -1,0 +1,113 @@
+"""flashjax parameter tree -> Hugging Face OPT checkpoint (``config.json`` + ``model.safetensors``).
+
+The exact inverse of the converter's table (``dram_table``) plus the FFN weights: every entry's
+HF tensor is rebuilt from the flashjax array and pushed back through the table's own transform,
+which must give the flashjax array again, so a wrong inverse fails here and not in a user's
+model. The output goes to a hidden sibling directory renamed into place only when complete.
+
+Shape legend: D hidden_size, N ffn_dim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from flashjax.config import ModelConfig
+from flashjax.store.convert import Entry, dram_table, ffn_keys
+
+PREFIX = "model.decoder."
+EXPORT_DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+
+
+def export_hf(params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float16", *,
+              overwrite: bool = False) -> Path:
+    """Write ``params`` (the tree of ``init_params``/``flashjax.load``) as a Hugging Face OPT
+    checkpoint in ``out_dir`` that ``OPTForCausalLM.from_pretrained`` loads.
+
+    ``dtype`` (float16 or float32) is the storage type of every tensor. The LM head is tied to
+    the token embedding unless ``cfg.tie_word_embeddings`` is False, so ``lm_head.weight`` is
+    written only then. ``out_dir`` must not exist unless ``overwrite``. Returns ``out_dir``.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass overwrite=True "
+                              f"or remove it first")
+    tensors = hf_tensors(params, cfg, EXPORT_DTYPES[dtype])
+    hf_config = cfg.to_hf_config() | {"torch_dtype": dtype, "dropout": 0.0,
+                                      "attention_dropout": 0.0}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def hf_tensors(params, cfg: ModelConfig, np_dtype=np.dtype(np.float32)) -> dict[str, np.ndarray]:
+    """Every HF tensor of the checkpoint, keyed by its HF name, cast to ``np_dtype``.
+
+    Raises ValueError if the tree has a missing, extra or misshapen parameter.
+    """
+    table = dram_table(cfg, PREFIX)
+    flat = _flatten(params)
+    expected = {e.path for e in table}
+    for i in range(cfg.num_hidden_layers):
+        expected |= {(f"layers_{i}", "ffn", fc, "kernel") for fc in ("fc1", "fc2")}
+    missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
+    if missing or extra:
+        raise ValueError(f"parameter tree does not match the config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+
+    out = {}
+    for e in table:
+        out[e.key] = _invert(e, np.asarray(flat[e.path], np.float32))
+    for i in range(cfg.num_hidden_layers):
+        # torch Linear weight [out, in] = Flax kernel [in, out].T
+        for key, shape in ffn_keys(cfg, PREFIX, i).items():
+            fc = key.split(".")[-2]
+            w = np.asarray(flat[(f"layers_{i}", "ffn", fc, "kernel")], np.float32).T
+            if w.shape != shape:
+                raise ValueError(f"layers_{i}/ffn/{fc}/kernel has HF shape {w.shape}, "
+                                 f"expected {shape}")
+            out[key] = w
+    return {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in out.items()}
+
+
+def _invert(e: Entry, x: np.ndarray) -> np.ndarray:
+    """The HF tensor that ``e.fn`` maps to ``x``: kernels are [in..., out...] -> [out, in]."""
+    if e.path[-1] == "kernel":
+        n_out = e.hf_shape[0]
+        w = x.reshape(-1, n_out).T
+    else:
+        w = x.reshape(e.hf_shape)
+    if w.shape != e.hf_shape or not np.array_equal(np.asarray(e.fn(w)), x):
+        raise ValueError(f"{'/'.join(e.path)} of shape {x.shape} does not invert to "
+                         f"{e.key} of shape {e.hf_shape}")
+    return w
+
+
+def _flatten(tree, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if hasattr(v, "items"):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out

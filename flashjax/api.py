@@ -72,10 +72,21 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
           + options.max_batch * options.max_context)
     predictors = 0
     index_fixed = layers * n * 4  # neuron -> slot maps
-    # per row of capacity: up + down rows and bias in every layer, slot id + last use in
-    # every layer, one staging row
-    per_row = layers * ((2 * d + 1) * item + 4 + 8) + manifest.row_bytes
-    fixed = resident_bytes + kv + predictors + index_fixed
+    # transient, per row of an update: TensorStore's read buffer and the device copy of the
+    # staged rows (storage dtype), their up/down halves converted to the compute dtype, and
+    # the gathered rows of a move
+    update_row = 2 * manifest.row_bytes + 2 * (2 * d + 1) * item
+    rows = options.update_rows
+    if rows is None:  # the largest power of two up to 1024 whose staging uses <= 1/16 budget
+        rows = 1024
+        while rows > MIN_CAPACITY and rows * (update_row + manifest.row_bytes) > budget // 16:
+            rows //= 2
+    rows = min(n, rows)
+    staging = rows * manifest.row_bytes
+    workspace = rows * update_row
+    # per row of capacity, in every layer: up + down rows and bias, slot id and last use
+    per_row = layers * ((2 * d + 1) * item + 4 + 8)
+    fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace
     capacity = min(n, max(0, (budget - fixed) // per_row))
     need = min(n, MIN_CAPACITY)
     if capacity < need:
@@ -84,12 +95,13 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} bytes for "
             f"{cfg.num_hidden_layers} layers x {need} neurons: resident weights {resident_bytes:,}"
             f" + KV cache {kv:,} (max_batch {options.max_batch} x max_context "
-            f"{options.max_context}) + index {index_fixed:,} + neuron buffers "
-            f"{need * per_row:,}")
+            f"{options.max_context}) + index {index_fixed:,} + staging and workspace "
+            f"{staging + workspace:,} + neuron buffers {need * per_row:,}")
     return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
-                      staging=capacity * manifest.row_bytes,
+                      staging=staging, workspace=workspace,
                       index=index_fixed + capacity * layers * 12,
-                      buffers=capacity * layers * (2 * d + 1) * item, capacity=int(capacity))
+                      buffers=capacity * layers * (2 * d + 1) * item, capacity=int(capacity),
+                      update_rows=int(min(rows, capacity)))
 
 
 def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, window,
@@ -124,7 +136,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
         for layer in range(cfg.num_hidden_layers):
             up, _ = split_bundles(bundles.read_layer(path, layer, checksums), cfg.hidden_size)
             oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer])))
-    reader = FlashReader(path, manifest, max_rows=plan.capacity, direct_io=options.direct_io,
+    reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads)
     log.info("flash model %s: budget %d bytes, %d rows per layer", path, budget, plan.capacity)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,

@@ -53,17 +53,16 @@ class MemoryPlan:
     kv_cache: int  # for max_batch x max_context
     predictors: int
     staging: int  # host buffer the reader fills
+    workspace: int  # transient copies made while moving and appending rows
     index: int  # per-layer slot <-> neuron maps and last-use steps
     buffers: int  # per-layer neuron buffers at full capacity
     capacity: int  # rows per layer
-
-    @property
-    def fixed(self) -> int:
-        return self.resident + self.kv_cache + self.predictors + self.staging
+    update_rows: int  # most rows read or written in one update
 
     @property
     def total(self) -> int:
-        return self.fixed + self.index + self.buffers
+        return (self.resident + self.kv_cache + self.predictors + self.staging + self.workspace
+                + self.index + self.buffers)
 
     def as_dict(self) -> dict:
         return {**dataclasses.asdict(self), "total": self.total}

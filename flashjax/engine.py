@@ -41,6 +41,7 @@ class EngineOptions:
     max_context: int | None = None  # KV-cache slots reserved (None: min(max positions, 512))
     max_batch: int = 1  # sequences per batch reserved in the budget
     verify_reads: bool = False  # crc32-check every row read
+    update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
 
 
 # -- jitted pieces: every layer has the same shapes, so each compiles once ---------------------
@@ -163,7 +164,7 @@ class FlashModel(Model):
         self.caches = [NeuronCache(cfg.ffn_dim, plan.capacity) for _ in self.layer_params]
         self.buffers = [NeuronBuffer.init(plan.capacity, cfg.hidden_size, self.dtype)
                         for _ in self.layer_params]
-        self.sizes = buckets(plan.capacity)
+        self.sizes = buckets(plan.update_rows)
         self.step_count = 0
         self.stats = Stats()
         self._warm_up()
@@ -224,68 +225,71 @@ class FlashModel(Model):
             return np.flatnonzero(scores > 0).astype(np.int32), scores
         raise NotImplementedError(self.options.predictor)
 
+    def _append(self, layer: int, buf: NeuronBuffer, ids, slots: np.ndarray) -> NeuronBuffer:
+        """Read bundle rows ``ids`` (sorted array or slice) into ``slots`` of ``buf``, at most
+        ``update_rows`` at a time; returns the updated (donated) buffer."""
+        stats, chunk = self.stats, self.plan_.update_rows
+        all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if isinstance(ids, slice) \
+            else ids
+        for start in range(0, slots.size, chunk):
+            part = all_ids[start:start + chunk]
+            t0 = time.perf_counter()
+            self.reader.read(layer, slice(int(part[0]), int(part[-1]) + 1)
+                             if isinstance(ids, slice) else part)
+            t1 = time.perf_counter()
+            stats.add("io", t1 - t0)
+            size = bucket_for(part.size, self.sizes)
+            bias = np.zeros(size, self.fc1_bias[layer].dtype)
+            bias[:part.size] = self.fc1_bias[layer][part]
+            # Rows past part.size are stale staging data; their padded slots are dropped.
+            buf = append_rows(buf, pad(slots[start:start + chunk], size, self.plan_.capacity),
+                              self.reader.staging[:size], bias)
+            # The staging buffer is rewritten by the next read: finish using it first.
+            jax.block_until_ready(buf)
+            stats.add("memory", time.perf_counter() - t1)
+            stats.loaded(int(part.size))
+        return buf
+
     def _cached_layer(self, layer: int, ffn_in, token_valid):
-        stats = self.stats
+        stats, chunk = self.stats, self.plan_.update_rows
         t0 = time.perf_counter()
         needed, scores = self._predict(layer, ffn_in, token_valid)
         t1 = time.perf_counter()
         stats.add("predictor", t1 - t0)
         plan = self.caches[layer].plan(needed, self.step_count, self.options.window, scores)
         buf = self.buffers[layer]
-        if plan.holes.size:
-            size = bucket_for(plan.holes.size, self.sizes)
-            buf = move_rows(buf, pad(plan.holes, size, self.plan_.capacity),
-                            pad(plan.movers, size, 0))
-        t2 = time.perf_counter()
-        stats.add("memory", t2 - t1)
-        rows = self.reader.read(layer, plan.missing)
-        t3 = time.perf_counter()
-        stats.add("io", t3 - t2)
-        if plan.missing.size:
-            size = bucket_for(plan.missing.size, self.sizes)
-            bias = np.zeros(size, self.fc1_bias[layer].dtype)
-            bias[:plan.missing.size] = self.fc1_bias[layer][plan.missing]
-            # Rows past the missing count are stale staging data; their slots are dropped.
-            buf = append_rows(buf, pad(plan.append_slots, size, self.plan_.capacity),
-                              self.reader.staging[:size], bias)
-        # The staging buffer is rewritten by the next layer's read: finish using it first.
-        jax.block_until_ready(buf)
+        for start in range(0, plan.holes.size, chunk):
+            holes = plan.holes[start:start + chunk]
+            size = bucket_for(holes.size, self.sizes)
+            buf = move_rows(buf, pad(holes, size, self.plan_.capacity),
+                            pad(plan.movers[start:start + chunk], size, 0))
+        stats.add("memory", time.perf_counter() - t1)
+        buf = self._append(layer, buf, plan.missing, plan.append_slots)
         self.buffers[layer] = buf
-        stats.add("memory", time.perf_counter() - t3)
-        stats.loaded(int(plan.missing.size))
         stats.rows_evicted += int(plan.evicted.size)
         stats.rows_dropped += plan.dropped
         stats.rows_needed += int(needed.size)
-        t4 = time.perf_counter()
+        t2 = time.perf_counter()
         out = _ffn_part(buf, jnp.int32(self.caches[layer].n), ffn_in, jnp.zeros_like(ffn_in))
         out.block_until_ready()
-        stats.add("compute", time.perf_counter() - t4)
+        stats.add("compute", time.perf_counter() - t2)
         return out
 
     def _stream_layer(self, layer: int, ffn_in):
         """The naive baseline: every row of the layer from flash, in buffer-sized chunks."""
-        stats, capacity = self.stats, self.plan_.capacity
-        n = self.cfg.ffn_dim
+        capacity, n = self.plan_.capacity, self.cfg.ffn_dim
         out = jnp.zeros_like(ffn_in)
-        slots = jnp.arange(capacity, dtype=jnp.int32)
+        slots = np.arange(capacity, dtype=np.int32)
         for start in range(0, n, capacity):
             count = min(capacity, n - start)
-            t0 = time.perf_counter()
-            self.reader.read(layer, slice(start, start + count))
-            t1 = time.perf_counter()
-            stats.add("io", t1 - t0)
-            bias = np.zeros(capacity, self.fc1_bias[layer].dtype)
-            bias[:count] = self.fc1_bias[layer][start:start + count]
-            buf = append_rows(self.buffers[layer], slots, self.reader.staging[:capacity], bias)
-            jax.block_until_ready(buf)
+            buf = self._append(layer, self.buffers[layer], slice(start, start + count),
+                               slots[:count])
             self.buffers[layer] = buf
-            t2 = time.perf_counter()
-            stats.add("memory", t2 - t1)
+            t0 = time.perf_counter()
             out = _ffn_part(buf, jnp.int32(count), ffn_in, out)
             out.block_until_ready()
-            stats.add("compute", time.perf_counter() - t2)
-            stats.loaded(count)
-        stats.rows_needed += n
+            self.stats.add("compute", time.perf_counter() - t0)
+        self.stats.rows_needed += n
         return out
 
     # -- the runtime's two entry points, token by token ----------------------------------------
@@ -329,4 +333,5 @@ class FlashModel(Model):
         return self.stats.report(self.plan_, self.reader.row_bytes, {
             "predictor": self.options.predictor, "window": self.options.window,
             "direct_io": self.options.direct_io, "capacity": self.plan_.capacity,
+            "update_rows": self.plan_.update_rows,
             "oracle_bytes": sum(w.nbytes + b.nbytes for w, b in self.oracle or [])})

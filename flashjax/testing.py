@@ -7,6 +7,7 @@ real ``transformers.OPTForCausalLM`` (the ``test`` extra: torch, transformers) t
 from __future__ import annotations
 
 import json
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +49,16 @@ def random_hf_checkpoint(path: str | Path, config: dict | None = None, seed: int
 
 
 def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: int = 0,
-                            dtype: str = "float16", shard_layers: int | None = None) -> Path:
+                            dtype: str = "float16", shard_layers: int | None = None,
+                            ffn_active: float | None = None) -> Path:
     """Write an OPT checkpoint with random weights in Hugging Face's file layout using numpy
     only: ``config.json`` plus ``model.safetensors``, or, with ``shard_layers``, shards of that
     many layers and a ``model.safetensors.index.json``. Tensors are generated one layer at a
-    time, so large shapes (OPT-1.3B) fit in little memory when sharded."""
+    time, so large shapes (OPT-1.3B) fit in little memory when sharded.
+
+    Random FFNs fire about half their neurons; ``ffn_active`` shifts the fc1 biases so that
+    about that fraction fires instead (pre-activations are ~N(0, (0.02 sqrt(d))^2) after the
+    layer norm), as in trained ReLU models."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
@@ -88,7 +94,11 @@ def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: 
             t[f"{pre}layers.{i}.self_attn.{proj}.bias"] = w(d)
         for nm in ("self_attn_layer_norm", "final_layer_norm"):
             t.update({f"{pre}layers.{i}.{nm}.{k}": a for k, a in norm().items()})
-        t[f"{pre}layers.{i}.fc1.weight"], t[f"{pre}layers.{i}.fc1.bias"] = w(n, d), w(n)
+        fc1_bias = w(n)
+        if ffn_active is not None:
+            shift = NormalDist().inv_cdf(1 - ffn_active) * 0.02 * d ** 0.5
+            fc1_bias = (fc1_bias.astype(np.float32) - shift).astype(np_dtype)
+        t[f"{pre}layers.{i}.fc1.weight"], t[f"{pre}layers.{i}.fc1.bias"] = w(n, d), fc1_bias
         t[f"{pre}layers.{i}.fc2.weight"], t[f"{pre}layers.{i}.fc2.bias"] = w(d, n), w(d)
         return t
 

@@ -122,7 +122,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
     if options.max_context is None:
         options = dataclasses.replace(options,
                                       max_context=min(cfg.max_position_embeddings, 512))
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), read_dram(path, manifest))
+    params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, dtype))
     resident = sum(x.nbytes for x in jax.tree.leaves(params))
     budget = parse_budget(dram_budget if dram_budget is not None else 1.0,
                           dense_bytes(manifest, dtype))

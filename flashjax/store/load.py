@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
@@ -12,8 +13,10 @@ from flashjax.store import bundles
 from flashjax.store.manifest import DRAM_DIR, Manifest
 
 
-def read_dram(model_dir: str | Path, manifest: Manifest) -> dict:
-    """The DRAM-resident parameter tree (numpy, storage dtype), without the FFN weights."""
+def read_dram(model_dir: str | Path, manifest: Manifest, convert=None) -> dict:
+    """The DRAM-resident parameter tree, without the FFN weights: numpy in the storage dtype,
+    or whatever ``convert`` makes of each array (applied group by group, so that only one
+    group's storage copy exists at a time)."""
     from flashjax.store.convert import dram_groups
 
     params: dict = {}
@@ -21,9 +24,10 @@ def read_dram(model_dir: str | Path, manifest: Manifest) -> dict:
     for group in dram_groups(manifest.config):
         path = (Path(model_dir) / DRAM_DIR / group).absolute()
         try:
-            params.update(checkpointer.restore(path))
+            tree = checkpointer.restore(path)
         except Exception as e:
             raise bundles.StoreError(f"{path}: cannot restore the DRAM checkpoint ({e})") from None
+        params.update(tree if convert is None else jax.tree.map(convert, tree))
     return params
 
 

@@ -27,10 +27,21 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _predictor(text: str):
+    return None if text in ("none", "None") else text
+
+
 def cmd_generate(args) -> int:
     import flashjax
 
-    model = flashjax.load(args.model_dir, progress=not args.json)
+    flash = args.dram_budget is not None or args.predictor is not None
+    kw = {}
+    if flash:
+        kw = dict(dram_budget=args.dram_budget or 1.0, window=args.window,
+                  direct_io=not args.page_cache)
+        if args.predictor is not None:
+            kw["predictor"] = _predictor(args.predictor)
+    model = flashjax.load(args.model_dir, progress=not args.json, **kw)
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
     elif model.tokenizer is None:
@@ -38,18 +49,45 @@ def cmd_generate(args) -> int:
     else:
         prompt = model.encode(args.prompt)
     t0 = time.perf_counter()
-    new = model.generate(prompt, max_new_tokens=args.max_new_tokens,
+    out = model.generate(prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         seed=args.seed)
+                         seed=args.seed, **({"return_stats": True} if flash else {}))
+    new, stats = out if flash else (out, None)
     seconds = time.perf_counter() - t0
     text = model.decode(new) if model.tokenizer is not None else None
     if args.json:
-        print(json.dumps({"token_ids": new, "text": text, "prompt_ids": prompt,
-                          "seconds": seconds}))
-    else:
-        print((args.prompt or "") + text if text is not None else " ".join(map(str, new)))
-        print(f"[{len(new)} tokens in {seconds:.2f} s]", file=sys.stderr)
+        result = {"token_ids": new, "text": text, "prompt_ids": prompt, "seconds": seconds}
+        if stats is not None:
+            result["stats"] = stats
+        print(json.dumps(result))
+        return 0
+    print((args.prompt or "") + text if text is not None else " ".join(map(str, new)))
+    print(f"[{len(new)} tokens in {seconds:.2f} s]", file=sys.stderr)
+    if stats is not None:
+        print(latency_table(stats), file=sys.stderr)
     return 0
+
+
+def latency_table(stats: dict) -> str:
+    """A short per-token latency breakdown and the byte counts of a flash generation."""
+    total = stats["median_total_s"] or float("nan")
+    lines = [f"{'per token (median)':<20}{'ms':>10}{'share':>8}"]
+    for phase in ("io", "memory", "predictor", "compute"):
+        ms = stats[f"median_{phase}_s"] * 1e3
+        lines.append(f"{phase:<20}{ms:>10.2f}{ms / 1e3 / total:>8.0%}")
+    lines.append(f"{'total':<20}{total * 1e3:>10.2f}")
+    tokens = max(stats["tokens"], 1)
+    storage = stats["storage_bytes_read"]
+    lines += [
+        f"flash bytes/token   {stats['flash_bytes_read'] / tokens / 1e6:.3f} MB "
+        f"(rows loaded {stats['rows_loaded']}, evicted {stats['rows_evicted']}, "
+        f"dropped {stats['rows_dropped']})",
+        "storage bytes/token " + ("n/a" if storage is None else f"{storage / tokens / 1e6:.3f} MB"),
+        f"DRAM peak {stats['peak_dram_bytes'] / 1e6:.1f} MB of budget "
+        f"{stats['dram_budget_bytes'] / 1e6:.1f} MB ({stats['capacity']} neurons/layer, "
+        f"predictor {stats['predictor']}, window {stats['window']})",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_verify(args) -> int:
@@ -82,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--dram-budget", help="keep the FFN on flash within this DRAM budget: "
+                   "bytes, '6GB', '512MiB', a fraction (0.5) or '50%%' of the dense size")
+    p.add_argument("--predictor", choices=("oracle", "lowrank", "none"),
+                   help="which neurons each token reads (implies flash mode; default: lowrank "
+                   "when the model has predictors, else oracle)")
+    p.add_argument("--window", type=int, default=4, help="keep neurons of the last k tokens")
+    p.add_argument("--page-cache", action="store_true",
+                   help="let the OS page cache serve flash reads (default: O_DIRECT)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")

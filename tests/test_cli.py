@@ -30,3 +30,22 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "hf"), "--prompt-ids", "2"]) == 2
     assert "run `flashjax convert` first" in capsys.readouterr().err
+
+
+def test_flash_generate_reports_stats(tmp_path, capsys):
+    synthetic_hf_checkpoint(tmp_path / "hf", tiny_opt_config(ffn_dim=1024), ffn_active=0.05)
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "fj")]) == 0
+    capsys.readouterr()
+    args = ["generate", str(tmp_path / "fj"), "--prompt-ids", "2,10,11", "--max-new-tokens", "6",
+            "--dram-budget", "50%", "--predictor", "oracle", "--window", "4"]
+    assert main(args + ["--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    dense = flashjax.load(tmp_path / "fj", progress=False)
+    assert out["token_ids"] == dense.generate([2, 10, 11], max_new_tokens=6)
+    stats = out["stats"]
+    assert stats["peak_dram_bytes"] <= stats["dram_budget_bytes"]
+    assert stats["rows_loaded"] > 0 and stats["window"] == 4 and stats["predictor"] == "oracle"
+    assert len(stats["per_token"]["io_s"]) == stats["tokens"] == 3 + 6 - 1
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "per token (median)" in err and "flash bytes/token" in err

@@ -1,0 +1,105 @@
+"""Property tests of the neuron cache: any sequence of tokens keeps it consistent."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flashjax
+from flashjax.cache import (NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets,
+                            move_rows, pad)
+from flashjax.store import bundles
+from flashjax.store.manifest import Manifest
+from flashjax.store.reader import FlashReader
+from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+
+N = 64
+
+
+def steps(max_needed: int):
+    return st.lists(st.lists(st.integers(0, N - 1), max_size=max_needed), min_size=1,
+                    max_size=25)
+
+
+def apply_numpy(buf: np.ndarray, plan, disk: np.ndarray) -> None:
+    buf[plan.holes] = buf[plan.movers]
+    buf[plan.append_slots] = disk[plan.missing]
+
+
+@settings(max_examples=300, deadline=None)
+@given(tokens=steps(40), capacity=st.integers(1, N), window=st.integers(1, 6))
+def test_cache_invariants(tokens, capacity, window):
+    disk = np.random.default_rng(0).standard_normal((N, 3))
+    cache, buf = NeuronCache(N, capacity), np.zeros((capacity, 3))
+    for t, needed in enumerate(tokens):
+        plan = cache.plan(np.array(needed, np.int32), t, window)
+        apply_numpy(buf, plan, disk)
+        cache.check()  # live rows contiguous, slot <-> id a bijection
+        resident = set(cache.resident.tolist())
+        assert len(plan.holes) == len(plan.movers)
+        assert plan.dropped == max(0, len(set(needed)) - capacity)
+        if plan.dropped == 0:
+            assert set(needed) <= resident
+        np.testing.assert_array_equal(buf[:cache.n], disk[cache.resident])
+        recent = set().union(*map(set, tokens[max(0, t - window + 1):t + 1]))
+        if len(recent) <= capacity:  # the whole window fits: exactly it is resident
+            assert resident == recent
+        assert not set(plan.evicted.tolist()) & resident - set(plan.missing.tolist())
+
+
+@functools.lru_cache(maxsize=1)
+def _store():
+    root = Path(tempfile.mkdtemp())
+    synthetic_hf_checkpoint(root / "hf", tiny_opt_config(ffn_dim=N, num_hidden_layers=1))
+    flashjax.convert(root / "hf", root / "fj", progress=False)
+    return root / "fj"
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=steps(24), capacity=st.integers(8, 40), window=st.integers(1, 4))
+def test_device_buffer_rows_equal_bundles_on_disk(tokens, capacity, window):
+    """The jitted, donated row moves and appends with rows from the TensorStore reader."""
+    path = _store()
+    manifest = Manifest.read(path)
+    d = manifest.config.hidden_size
+    disk = bundles.read_layer(path, 0).astype(np.float32)
+    reader = FlashReader(path, manifest, max_rows=capacity, direct_io=False)
+    sizes = buckets(capacity)
+    cache, buf = NeuronCache(N, capacity), NeuronBuffer.init(capacity, d)
+    bias_of = np.arange(N, dtype=np.float32)
+    for t, needed in enumerate(tokens):
+        plan = cache.plan(np.array(needed, np.int32), t, window)
+        if plan.holes.size:
+            size = bucket_for(plan.holes.size, sizes)
+            buf = move_rows(buf, pad(plan.holes, size, capacity), pad(plan.movers, size, 0))
+        if plan.missing.size:
+            reader.read(0, plan.missing)
+            size = bucket_for(plan.missing.size, sizes)
+            bias = np.zeros(size, np.float32)
+            bias[:plan.missing.size] = bias_of[plan.missing]
+            buf = append_rows(buf, pad(plan.append_slots, size, capacity),
+                              reader.staging[:size], bias)
+        cache.check()
+        live = cache.resident
+        np.testing.assert_array_equal(np.asarray(buf.up)[:cache.n], disk[live, :d])
+        np.testing.assert_array_equal(np.asarray(buf.down)[:cache.n], disk[live, d:])
+        np.testing.assert_array_equal(np.asarray(buf.bias)[:cache.n], bias_of[live])
+
+
+def test_overflow_keeps_highest_scores():
+    cache = NeuronCache(10, 3)
+    scores = np.linspace(0, 1, 10)
+    plan = cache.plan(np.array([1, 4, 7, 9, 2]), 0, 4, scores)
+    assert plan.dropped == 2 and sorted(cache.resident.tolist()) == [4, 7, 9]
+
+
+def test_capacity_is_checked():
+    with pytest.raises(ValueError, match="capacity must be in"):
+        NeuronCache(10, 11)

@@ -173,7 +173,18 @@ print(json.dumps({"peak": peak, "hwm": hwm}))
 """
 
 
-def test_peak_dram_accounting_matches_rss(wide_model):
+@pytest.fixture(scope="module")
+def rss_model(tmp_path_factory):
+    """An FFN of 2 x 8192 rows of 8 KiB: buffers large enough to stand out of allocator noise."""
+    root = tmp_path_factory.mktemp("rss")
+    cfg = tiny_opt_config(hidden_size=1024, ffn_dim=8192, num_hidden_layers=2,
+                          num_attention_heads=8, vocab_size=64, max_position_embeddings=64)
+    synthetic_hf_checkpoint(root / "hf", cfg, ffn_active=0.05)
+    flashjax.convert(root / "hf", root / "fj", progress=False)
+    return root / "fj"
+
+
+def test_peak_dram_accounting_matches_rss(rss_model):
     """Accounted bytes against the process's peak RSS (VmHWM), each run in a fresh process:
     the growth between two budgets follows the accounting, and a model's peak RSS above the
     bare runtime stays within its accounted peak plus compiled code."""
@@ -182,14 +193,14 @@ def test_peak_dram_accounting_matches_rss(wide_model):
     import sys
 
     def probe(budget):
-        out = subprocess.run([sys.executable, "-c", _PROBE, str(wide_model), budget],
+        out = subprocess.run([sys.executable, "-c", _PROBE, str(rss_model), budget],
                              capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
-    base, low, high = probe("none"), probe("0.4"), probe("0.9")
+    base, low, high = probe("none"), probe("0.3"), probe("1.0")
     d_peak, d_rss = high["peak"] - low["peak"], high["hwm"] - low["hwm"]
-    assert d_peak > 40 * 2**20
+    assert d_peak > 100 * 2**20  # measured: 112 MB accounted, 98-119 MB of RSS
     assert 0.75 * d_peak <= d_rss <= 1.25 * d_peak
     # On top of the model's arrays come the runtime's: compiled kernels, orbax/TensorStore
-    # restore buffers and allocator slack, measured 110-125 MB here for this model
+    # restore buffers and allocator slack, measured ~115 MB here for this model
     assert high["hwm"] - base["hwm"] <= high["peak"] + 192 * 2**20

@@ -63,14 +63,15 @@ def dense_bytes(manifest: Manifest, dtype) -> int:
     return manifest.total_bytes * jnp.dtype(dtype).itemsize // DTYPE_BYTES[manifest.dtype]
 
 
-def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options) -> MemoryPlan:
+def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options,
+                predictor_bytes: int = 0) -> MemoryPlan:
     """Split ``budget``: fixed parts first, then equal neuron buffers for every layer."""
     cfg = manifest.config
     item = jnp.dtype(dtype).itemsize
     layers, n, d = cfg.num_hidden_layers, cfg.ffn_dim, cfg.hidden_size
     kv = (2 * layers * options.max_batch * options.max_context * d * item
           + options.max_batch * options.max_context)
-    predictors = 0
+    predictors = predictor_bytes
     index_fixed = layers * n * 4  # neuron -> slot maps
     # transient, per row of an update: TensorStore's read buffer and the device copy of the
     # staged rows (storage dtype), their up/down halves converted to the compute dtype, and
@@ -95,7 +96,8 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} bytes for "
             f"{cfg.num_hidden_layers} layers x {need} neurons: resident weights {resident_bytes:,}"
             f" + KV cache {kv:,} (max_batch {options.max_batch} x max_context "
-            f"{options.max_context}) + index {index_fixed:,} + staging and workspace "
+            f"{options.max_context}) + predictors {predictors:,} + index {index_fixed:,} + "
+            f"staging and workspace "
             f"{staging + workspace:,} + neuron buffers {need * per_row:,}")
     return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
                       staging=staging, workspace=workspace,
@@ -111,10 +113,6 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
 
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor {predictor!r} is not one of {PREDICTORS}")
-    if predictor == "lowrank":
-        raise ValueError(f"{path}: predictor 'lowrank' needs trained predictors in "
-                         f"{path / 'predictors'}; train them with `flashjax train-predictors` "
-                         f"or use predictor='oracle'")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     cfg = manifest.config
@@ -124,9 +122,18 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
                                       max_context=min(cfg.max_position_embeddings, 512))
     params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, dtype))
     resident = sum(x.nbytes for x in jax.tree.leaves(params))
+    predictors = None
+    if predictor == "lowrank":
+        from flashjax.predictor.model import Predictors
+
+        try:
+            predictors = Predictors.load(path, cfg.num_hidden_layers, dtype)
+        except FileNotFoundError as e:
+            raise ValueError(f"predictor 'lowrank': {e}; or use predictor='oracle'") from None
     budget = parse_budget(dram_budget if dram_budget is not None else 1.0,
                           dense_bytes(manifest, dtype))
-    plan = plan_memory(manifest, dtype, budget, resident, options)
+    plan = plan_memory(manifest, dtype, budget, resident, options,
+                       predictor_bytes=predictors.nbytes if predictors else 0)
     fc1_bias = [np.asarray(params[f"layers_{i}"]["ffn"]["fc1"]["bias"])
                 for i in range(cfg.num_hidden_layers)]
     oracle = None
@@ -140,5 +147,5 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
                          concurrency=options.reader_threads, verify=options.verify_reads)
     log.info("flash model %s: budget %d bytes, %d rows per layer", path, budget, plan.capacity)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
-                      oracle=oracle, tokenizer=load_tokenizer(path, manifest), path=path,
+                      oracle=oracle, predictors=predictors, tokenizer=load_tokenizer(path, manifest), path=path,
                       dtype=dtype)

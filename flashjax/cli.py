@@ -98,6 +98,55 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_collect(args) -> int:
+    import flashjax
+    from flashjax.predictor.collect import collect
+
+    model = flashjax.load(args.model_dir, progress=False)
+    meta = collect(model, args.text, args.out, tokens=args.tokens, seq_len=args.seq_len,
+                   batch=args.batch)
+    print(f"{args.out}: {meta['tokens_written']} tokens x {meta['n_layers']} layers",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_train_predictors(args) -> int:
+    from flashjax.predictor.train import train_predictors
+
+    ranks = args.rank
+    summary = train_predictors(args.model_dir, args.data, rank=ranks, steps=args.steps,
+                               batch=args.batch, lr=args.lr, seed=args.seed,
+                               target_recall=args.target_recall, overwrite=args.overwrite)
+    print(f"{'layer':>5} {'recall':>7} {'precision':>9} {'predicted':>9} {'true':>7}")
+    for m in summary["layers"]:
+        print(f"{m['layer']:>5} {m['recall']:>7.4f} {m['precision']:>9.4f} "
+              f"{m['predicted_active_fraction']:>9.4f} {m['true_active_fraction']:>7.4f}")
+    print(f"trained in {summary['train_seconds_this_run']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from flashjax.predictor.evaluate import evaluate
+
+    result = evaluate(args.model_dir, args.text, dram_budget=args.dram_budget,
+                      window=args.window, tokens=args.tokens, seq_len=args.seq_len,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"perplexity: dense {result['ppl_dense']:.3f}, flash with predictors "
+          f"{result['ppl_sparse']:.3f} ({(result['ppl_ratio'] - 1) * 100:+.2f}%) over "
+          f"{result['tokens']} tokens")
+    print(f"{'layer':>5} {'recall':>7} {'precision':>9} {'predicted':>9} {'true':>7}")
+    for i, m in enumerate(result["layers"]):
+        print(f"{i:>5} {m['recall']:>7.4f} {m['precision']:>9.4f} "
+              f"{m['predicted_active_fraction']:>9.4f} {m['true_active_fraction']:>7.4f}")
+    print(f"flash bytes/token {result['flash_bytes_per_token'] / 1e3:.1f} kB, storage "
+          f"bytes/token {result['storage_bytes_per_token'] / 1e3:.1f} kB, window "
+          f"{result['window']}, {result['capacity']} neurons/layer")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +179,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the OS page cache serve flash reads (default: O_DIRECT)")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("collect", help="record FFN inputs and neuron activity on text")
+    p.add_argument("model_dir")
+    p.add_argument("--text", required=True, help=".txt or .jsonl (field 'text') or a directory")
+    p.add_argument("--out", required=True, help="data directory (a rerun resumes)")
+    p.add_argument("--tokens", type=int, default=100_000)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("train-predictors", help="train the low-rank activation predictors")
+    p.add_argument("model_dir")
+    p.add_argument("--data", required=True, help="a `flashjax collect` directory")
+    p.add_argument("--rank", type=int, help="predictor rank (default max(32, d_model/32))")
+    p.add_argument("--steps", type=int, default=2000, help="steps per layer")
+    p.add_argument("--batch", type=int, default=1024, help="tokens per step")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--target-recall", type=float, default=0.99)
+    p.add_argument("--overwrite", action="store_true", help="replace existing predictors")
+    p.set_defaults(func=cmd_train_predictors)
+
+    p = sub.add_parser("eval", help="perplexity dense vs flash with predictors; recall")
+    p.add_argument("model_dir")
+    p.add_argument("--text", required=True)
+    p.add_argument("--dram-budget", default="50%")
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_verify)
@@ -142,7 +222,8 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, StoreError, FileExistsError, ValueError) as e:
+    except (CheckpointError, ConfigError, StoreError, FileExistsError, FileNotFoundError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -24,6 +24,7 @@ from flashjax.config import ModelConfig
 from flashjax.model.layers import DecoderLayer, KVCache
 from flashjax.model.opt import OPT
 from flashjax.model.sparse import SparseFFN
+from flashjax.predictor.model import predict_scores
 from flashjax.runtime import Model
 from flashjax.store.reader import FlashReader, storage_read_bytes
 
@@ -153,13 +154,15 @@ class FlashModel(Model):
     """A model whose FFN weights stay on flash; see ``flashjax.load(..., dram_budget=...)``."""
 
     def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
-                 options: EngineOptions, fc1_bias: list[np.ndarray], oracle=None, **kw):
+                 options: EngineOptions, fc1_bias: list[np.ndarray], oracle=None,
+                 predictors=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader = reader
         self.plan_ = plan
         self.options = options
         self.fc1_bias = fc1_bias  # host copies, per layer [N], to fill buffer bias slots
         self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
+        self.predictors = predictors  # flashjax.predictor.model.Predictors, or None
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
         self.caches = [NeuronCache(cfg.ffn_dim, plan.capacity) for _ in self.layer_params]
         self.buffers = [NeuronBuffer.init(plan.capacity, cfg.hidden_size, self.dtype)
@@ -223,7 +226,8 @@ class FlashModel(Model):
             w_up, b_up = self.oracle[layer]
             scores = np.asarray(_oracle_scores(w_up, b_up, ffn_in, token_valid))
             return np.flatnonzero(scores > 0).astype(np.int32), scores
-        raise NotImplementedError(self.options.predictor)
+        scores = np.asarray(predict_scores(self.predictors.params[layer], ffn_in, token_valid))
+        return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
     def _append(self, layer: int, buf: NeuronBuffer, ids, slots: np.ndarray) -> NeuronBuffer:
         """Read bundle rows ``ids`` (sorted array or slice) into ``slots`` of ``buf``, at most

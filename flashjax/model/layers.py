@@ -78,10 +78,12 @@ class DenseFFN(nn.Module):
 
     cfg: ModelConfig
 
-    @nn.compact
+    def setup(self):
+        self.fc1 = nn.Dense(self.cfg.ffn_dim)
+        self.fc2 = nn.Dense(self.cfg.hidden_size)
+
     def __call__(self, x):
-        h = jax.nn.relu(nn.Dense(self.cfg.ffn_dim, name="fc1")(x))
-        return nn.Dense(self.cfg.hidden_size, name="fc2")(h)
+        return self.fc2(jax.nn.relu(self.fc1(x)))
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:

@@ -1,0 +1,1 @@
+"""Low-rank activation predictors: collect the dense model's activations, train, evaluate."""

@@ -1,0 +1,78 @@
+"""The low-rank predictor: one logit per FFN neuron from the FFN's input, and its storage.
+
+Shape legend: B batch, S tokens, D model width, R rank, N neurons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+PREDICTORS_DIR = "predictors"
+METRICS_FILE = "metrics.json"
+
+
+def default_rank(d_model: int) -> int:
+    """The paper's OPT-6.7B setting is rank 128 for width 4096 (1/32); small models keep at
+    least 32 so the predictor can still separate the neurons."""
+    return max(32, d_model // 32)
+
+
+class LowRankPredictor(nn.Module):
+    """logits = (x A) B + b: A [D, R], B [R, N], b [N]."""
+
+    rank: int
+    n_neurons: int
+
+    @nn.compact
+    def __call__(self, x):
+        """x [..., D] -> logits [..., N] (float32)."""
+        h = nn.Dense(self.rank, use_bias=False, name="A")(x)
+        return nn.Dense(self.n_neurons, name="B")(h).astype(jnp.float32)
+
+
+@jax.jit
+def predict_scores(params, x, token_valid):
+    """Max logit over the batch's real tokens: x [B, S, D], token_valid [B] -> [N]."""
+    a, b, bias = params["A"]["kernel"], params["B"]["kernel"], params["B"]["bias"]
+    # [B, S, N]
+    logits = jnp.einsum("bsr,rn->bsn", jnp.einsum("bsd,dr->bsr", x, a.astype(x.dtype)),
+                        b.astype(x.dtype)) + bias
+    return jnp.where(token_valid[:, None, None], logits, -jnp.inf).max(axis=(0, 1))
+
+
+@dataclasses.dataclass
+class Predictors:
+    """Per-layer predictor parameters, decision thresholds on the logits, and metrics."""
+
+    params: list[dict]
+    thresholds: list[float]
+    metrics: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree.leaves(self.params))
+
+    @classmethod
+    def load(cls, model_dir: str | Path, n_layers: int, dtype=jnp.float32) -> Predictors:
+        root = Path(model_dir) / PREDICTORS_DIR
+        meta = root / METRICS_FILE
+        if not meta.exists():
+            raise FileNotFoundError(f"{root}: no trained predictors ({METRICS_FILE} missing); "
+                                    f"run `flashjax train-predictors`")
+        metrics = json.loads(meta.read_text())
+        thresholds = metrics.pop("thresholds")
+        if len(thresholds) != n_layers:
+            raise ValueError(f"{meta}: {len(thresholds)} thresholds for {n_layers} layers")
+        checkpointer = ocp.StandardCheckpointer()
+        params = [jax.tree.map(lambda x: jnp.asarray(x, dtype),
+                               checkpointer.restore((root / f"layer_{i:03d}").absolute()))
+                  for i in range(n_layers)]
+        return cls(params=params, thresholds=[float(t) for t in thresholds], metrics=metrics)

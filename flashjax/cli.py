@@ -34,6 +34,15 @@ def _predictor(text: str):
 def cmd_generate(args) -> int:
     import flashjax
 
+    if args.model_dir is None:  # the shipped model: flash-backed, lowrank, half the DRAM
+        from flashjax.shipped import default_model_dir
+
+        args.model_dir = str(default_model_dir(progress=not args.json))
+        args.dram_budget = args.dram_budget or "50%"
+        if args.prompt is None and args.prompt_ids is None:
+            args.prompt = "The Python interpreter"
+    if args.prompt is None and args.prompt_ids is None:
+        raise SystemExit("error: give --prompt or --prompt-ids")
     flash = args.dram_budget is not None or args.predictor is not None
     kw = {}
     if flash:
@@ -159,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text with a converted model")
-    p.add_argument("model_dir")
-    src = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("model_dir", nargs="?",
+                   help="a converted model (default: the shipped model, flash-backed at 50%%)")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model dir)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids")
     p.add_argument("--max-new-tokens", type=int, default=32)

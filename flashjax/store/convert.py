@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json")
+PREDICTORS = "predictors"
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float32": np.dtype(np.float32)}
 
@@ -188,6 +189,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
                 shutil.copy2(hf_dir / name, tmp / name)
+        if (hf_dir / PREDICTORS).is_dir():  # trained predictors shipped beside the weights
+            shutil.copytree(hf_dir / PREDICTORS, tmp / PREDICTORS)
         if (hf_dir / "tokenizer.json").exists():
             tokenizer = "tokenizer.json"
         elif (hf_dir / "vocab.json").exists() and (hf_dir / "merges.txt").exists():

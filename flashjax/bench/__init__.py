@@ -1,0 +1,1 @@
+"""Benchmarks of the storage and of flash-backed generation."""

@@ -1,0 +1,398 @@
+"""The storage's random-read limit: throughput and latency against read size and concurrency.
+
+"LLM in a flash" plots flash random-read throughput growing with chunk size and thread count;
+`device_limit` measures the same curve for the storage holding a file, so that the reader's
+throughput can be put next to what the device can do ("device limit at the bundle size",
+`throughput_at`). Linux only: reads use ``O_DIRECT`` and the check uses ``/proc/self/io``.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import mmap
+import os
+import random
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+DEFAULT_CHUNK_SIZES = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
+DEFAULT_CONCURRENCIES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_FILE_BYTES = 2 << 30
+PIECE_BYTES = 64 << 20  # scratch file written in pieces this big: bounded memory, smooth progress
+ALIGN = 4096  # O_DIRECT wants offsets and sizes aligned to the logical block; 4 KiB covers all
+SCRATCH_NAME = "flashjax-device-limit-{}.bin"
+
+
+class DirectIOUnsupportedError(OSError):
+    """The filesystem refused ``O_DIRECT`` (EINVAL), so reads would be served by the page cache."""
+
+
+def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT_CONCURRENCIES,
+                 seconds=1.0, file_bytes=None, seed=0, allow_page_cache=False, keep=False,
+                 progress=True) -> dict:
+    """Measure random-read throughput and latency of the storage holding `path`.
+
+    For each (chunk size, concurrency) pair, `concurrency` Python threads issue random,
+    chunk-aligned ``os.preadv`` reads of one chunk each into page-aligned buffers for about
+    `seconds` (``preadv`` releases the GIL, so the threads overlap in the kernel). The file is
+    opened with ``O_RDONLY | O_DIRECT``: every read goes to the device and none to the page
+    cache, so the file need not be larger than RAM; it only needs to be large enough that reads
+    spread over the device rather than one hot region (2 GiB is far beyond a drive's own DRAM
+    cache, though a virtual disk's host may still cache it, which the numbers would show as
+    throughput above the hardware's). The bytes the kernel read from storage (``read_bytes`` in
+    ``/proc/self/io``) are recorded per point next to the bytes requested; a warning is issued
+    when they fall below 90% of them (e.g. tmpfs accepts ``O_DIRECT`` but has no storage).
+
+    Args:
+      path: a file to read (at least the largest chunk), or a directory in which to write a
+        scratch file of random bytes (random so that no compressing or zero-detecting layer
+        can shortcut the reads), fsync'd before measuring and deleted afterwards unless `keep`.
+        A kept scratch file of the same size is reused.
+      chunk_sizes: read sizes in bytes, multiples of 4096.
+      concurrencies: thread counts.
+      seconds: how long to read at each point.
+      file_bytes: scratch file size (directories only); default 2 GiB, or half the free space
+        when that is less. The result's ``file_note`` says which.
+      seed: seeds the scratch contents and the read offsets.
+      allow_page_cache: where the filesystem refuses ``O_DIRECT`` (e.g. some tmpfs or FUSE),
+        read through the page cache instead, evicting the file's pages with
+        ``POSIX_FADV_DONTNEED`` before each point; ``storage_ratio`` then shows how many reads
+        the cache still served.
+      keep: keep the scratch file.
+      progress: show tqdm bars for the scratch file and the sweep.
+
+    Returns:
+      A JSON-ready dict: ``path``, ``file``, ``filesystem``, ``direct_io``, ``file_bytes``,
+      ``file_note``, ``seconds``, ``seed``, ``cpu_count``, ``storage_ratio_min`` and ``points``,
+      a list with, per (chunk, concurrency): ``chunk_bytes``, ``concurrency``, ``reads``,
+      ``bytes``, ``wall_s``, ``gb_s`` (1e9 bytes/s), ``median_us``, ``p90_us``,
+      ``storage_bytes`` (None where ``/proc/self/io`` is missing) and ``storage_ratio``.
+
+    Raises:
+      DirectIOUnsupportedError: ``O_DIRECT`` refused and `allow_page_cache` is False.
+    """
+    if not hasattr(os, "O_DIRECT"):
+        raise OSError(f"device_limit needs Linux O_DIRECT; os.O_DIRECT is missing on {os.name}")
+    chunk_sizes, concurrencies = _check_sweep(chunk_sizes, concurrencies, seconds)
+    path = Path(path)
+    scratch = None
+    if path.is_dir():
+        file_bytes, file_note = _scratch_size(path, file_bytes, max(chunk_sizes))
+        scratch = _make_scratch(path, file_bytes, seed, progress)
+        target = scratch
+    elif path.is_file():
+        if file_bytes is not None:
+            raise ValueError(f"file_bytes={file_bytes} applies only when path is a directory; "
+                             f"{path} is a file")
+        target, file_bytes = path, path.stat().st_size
+        file_note = f"existing file, {_human(file_bytes)}"
+        if file_bytes < max(chunk_sizes):
+            raise ValueError(f"{path} holds {file_bytes} bytes, less than the largest chunk "
+                             f"{max(chunk_sizes)}")
+    else:
+        raise FileNotFoundError(f"device_limit: {path} is neither a file nor a directory")
+
+    try:
+        fd, direct = _open(target, allow_page_cache, min(chunk_sizes))
+        try:
+            points = []
+            sweep = [(c, n) for c in chunk_sizes for n in concurrencies]
+            for chunk, conc in tqdm(sweep, desc="device limit", unit="point",
+                                    disable=not progress):
+                if not direct:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                points.append(_measure_point(fd, file_bytes // chunk, chunk, conc, seconds,
+                                             seed))
+        finally:
+            os.close(fd)
+    finally:
+        if scratch is not None and not keep:
+            scratch.unlink()
+
+    ratios = [p["storage_ratio"] for p in points if p["storage_ratio"] is not None]
+    if ratios and min(ratios) < 0.9:
+        warnings.warn(f"device_limit: at some points only {min(ratios):.0%} of the bytes read "
+                      f"came from storage ({_filesystem_of(target)}); those reads were served "
+                      f"by a cache, so they do not measure the device", stacklevel=2)
+    return {
+        "path": str(path),
+        "file": str(target),
+        "filesystem": _filesystem_of(target),
+        "direct_io": direct,
+        "file_bytes": file_bytes,
+        "file_note": file_note,
+        "seconds": seconds,
+        "seed": seed,
+        "cpu_count": os.cpu_count(),
+        "storage_ratio_min": min(ratios) if ratios else None,
+        "points": points,
+    }
+
+
+def throughput_at(result: dict, chunk_bytes: int, concurrency: int) -> float:
+    """GB/s at `chunk_bytes` and `concurrency`, linear in log2(chunk) between measured sizes.
+
+    `concurrency` must be one that was measured; `chunk_bytes` must lie within the measured
+    chunk sizes (no extrapolation).
+    """
+    row = sorted((p["chunk_bytes"], p["gb_s"]) for p in result["points"]
+                 if p["concurrency"] == concurrency)
+    if not row:
+        measured = sorted({p["concurrency"] for p in result["points"]})
+        raise ValueError(f"throughput_at: concurrency={concurrency} was not measured; "
+                         f"measured {measured}")
+    chunks, gb_s = zip(*row)
+    if not chunks[0] <= chunk_bytes <= chunks[-1]:
+        raise ValueError(f"throughput_at: chunk_bytes={chunk_bytes} is outside the measured "
+                         f"range {chunks[0]}..{chunks[-1]}")
+    return float(np.interp(math.log2(chunk_bytes), np.log2(chunks), gb_s))
+
+
+def plot_device_limit(result: dict, png_path, mark_chunk=None) -> Path:
+    """Write a PNG: throughput and median latency against chunk size, one line per concurrency.
+
+    `mark_chunk` (bytes), typically the bundle row size, draws a vertical marker on both panels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunks = sorted({p["chunk_bytes"] for p in result["points"]})
+    fig, (ax_gb, ax_lat) = plt.subplots(1, 2, figsize=(13, 5))
+    for conc in sorted({p["concurrency"] for p in result["points"]}):
+        row = sorted((p["chunk_bytes"], p["gb_s"], p["median_us"]) for p in result["points"]
+                     if p["concurrency"] == conc)
+        x, gb_s, lat = zip(*row)
+        ax_gb.plot(x, gb_s, marker="o", label=f"{conc} threads")
+        ax_lat.plot(x, lat, marker="o", label=f"{conc} threads")
+    for ax in (ax_gb, ax_lat):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(chunks, [f"{c // 1024}" for c in chunks])
+        ax.set_xlabel("chunk size (KiB)")
+        ax.grid(True, which="both", alpha=0.3)
+        if mark_chunk is not None:
+            ax.axvline(mark_chunk, color="black", linestyle="--",
+                       label=f"bundle row {mark_chunk / 1024:g} KiB")
+    ax_gb.set_ylabel("throughput (GB/s)")
+    ax_gb.set_title("random-read throughput")
+    ax_lat.set_yscale("log")
+    ax_lat.set_ylabel("median latency per read (µs)")
+    ax_lat.set_title("random-read latency")
+    ax_gb.legend(fontsize=8)
+    mode = "O_DIRECT" if result["direct_io"] else "page cache evicted"
+    fig.suptitle(f"{result['file']} ({result['filesystem']}, {mode}, "
+                 f"{_human(result['file_bytes'])}, {result['seconds']:g} s/point)", fontsize=10)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
+def format_table(result: dict, *, field: str = "gb_s") -> str:
+    """A text table of one per-point field: rows chunk sizes, columns concurrencies.
+
+    `field` is ``gb_s`` (default), ``median_us``, ``p90_us`` or ``storage_ratio``.
+    """
+    units = {"gb_s": "GB/s", "median_us": "median µs", "p90_us": "p90 µs",
+             "storage_ratio": "storage bytes / bytes read"}
+    if field not in units:
+        raise ValueError(f"format_table: field={field!r}; expected one of {sorted(units)}")
+    cell = {(p["chunk_bytes"], p["concurrency"]): p[field] for p in result["points"]}
+    chunks = sorted({c for c, _ in cell})
+    concs = sorted({n for _, n in cell})
+    fmt = "{:.1f}" if field.endswith("_us") else "{:.3f}"
+    lines = [f"{units[field]}; rows: chunk size, columns: threads",
+             f"{'chunk':>9}" + "".join(f"{n:>9}" for n in concs)]
+    for c in chunks:
+        values = (cell.get((c, n)) for n in concs)
+        lines.append(f"{c // 1024:>6}KiB" + "".join(
+            f"{'-' if v is None else fmt.format(v):>9}" for v in values))
+    return "\n".join(lines)
+
+
+def _check_sweep(chunk_sizes, concurrencies, seconds):
+    chunk_sizes, concurrencies = tuple(chunk_sizes), tuple(concurrencies)
+    if not chunk_sizes or not concurrencies:
+        raise ValueError(f"device_limit: empty sweep, chunk_sizes={chunk_sizes}, "
+                         f"concurrencies={concurrencies}")
+    bad = [c for c in chunk_sizes if c <= 0 or c % ALIGN]
+    if bad:
+        raise ValueError(f"device_limit: chunk_sizes {bad} are not positive multiples of {ALIGN} "
+                         f"(O_DIRECT alignment)")
+    if any(n < 1 for n in concurrencies):
+        raise ValueError(f"device_limit: concurrencies={concurrencies} must all be >= 1")
+    if not seconds > 0:
+        raise ValueError(f"device_limit: seconds={seconds} must be > 0")
+    return chunk_sizes, concurrencies
+
+
+def _scratch_size(directory: Path, file_bytes, largest_chunk: int) -> tuple[int, str]:
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if file_bytes is None:
+        file_bytes = min(DEFAULT_FILE_BYTES, free // 2 // PIECE_BYTES * PIECE_BYTES)
+        note = (f"scratch file, {_human(file_bytes)}"
+                + (" (default)" if file_bytes == DEFAULT_FILE_BYTES else
+                   f" (default {_human(DEFAULT_FILE_BYTES)} reduced to half of the "
+                   f"{_human(free)} free in {directory})"))
+    else:
+        note = f"scratch file, {_human(file_bytes)} (requested)"
+        if file_bytes > free:
+            raise OSError(errno.ENOSPC, f"device_limit: file_bytes={file_bytes} exceeds the "
+                          f"{free} bytes free in {directory}")
+    if file_bytes < largest_chunk or file_bytes % ALIGN:
+        raise ValueError(f"device_limit: scratch file of {file_bytes} bytes in {directory} must "
+                         f"be a multiple of {ALIGN} and at least the largest chunk "
+                         f"{largest_chunk} ({_human(free)} free)")
+    return file_bytes, note
+
+
+def _make_scratch(directory: Path, file_bytes: int, seed: int, progress: bool) -> Path:
+    """Write (or reuse a kept) scratch file of random bytes, fsync'd; renamed into place last."""
+    final = directory / SCRATCH_NAME.format(file_bytes)
+    if final.is_file() and final.stat().st_size == file_bytes:
+        return final
+    partial = final.with_suffix(".partial")
+    rng = np.random.default_rng(seed)
+    with open(partial, "wb", buffering=0) as f, tqdm(
+            total=file_bytes, unit="B", unit_scale=True, desc="scratch file",
+            disable=not progress) as bar:
+        for start in range(0, file_bytes, PIECE_BYTES):
+            piece = rng.bytes(min(PIECE_BYTES, file_bytes - start))
+            f.write(piece)
+            bar.update(len(piece))
+        os.fsync(f.fileno())
+    partial.rename(final)
+    return final
+
+
+def _open(path: Path, allow_page_cache: bool, probe_bytes: int) -> tuple[int, bool]:
+    """Open for O_DIRECT reads, probing one read since some filesystems refuse only then."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            with mmap.mmap(-1, probe_bytes) as buf:
+                os.preadv(fd, [buf], 0)
+        except OSError:
+            os.close(fd)
+            raise
+        return fd, True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        if not allow_page_cache:
+            raise DirectIOUnsupportedError(
+                errno.EINVAL, f"O_DIRECT refused for {path} on filesystem "
+                f"{_filesystem_of(path)}; reads would come from the page cache, not the device. "
+                f"Put the file on the storage to measure, or pass allow_page_cache=True to evict "
+                f"its pages with POSIX_FADV_DONTNEED before each point instead") from e
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # POSIX_FADV_DONTNEED leaves dirty pages in the cache
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead: read what is asked only
+    return fd, False
+
+
+def _measure_point(fd: int, n_chunks: int, chunk: int, concurrency: int, seconds: float,
+                   seed: int) -> dict:
+    barrier = threading.Barrier(concurrency + 1)
+    latencies: list[list[int]] = [[] for _ in range(concurrency)]
+    errors: list[BaseException] = []
+    deadline = [0]
+
+    def reader(i: int) -> None:
+        rng = random.Random(f"{seed}-{chunk}-{concurrency}-{i}")
+        lat = latencies[i]
+        with mmap.mmap(-1, chunk) as buf:  # page-aligned, as O_DIRECT requires
+            try:
+                barrier.wait()
+                while True:
+                    offset = rng.randrange(n_chunks) * chunk
+                    t0 = time.perf_counter_ns()
+                    n = os.preadv(fd, [buf], offset)
+                    t1 = time.perf_counter_ns()
+                    if n != chunk:
+                        raise OSError(f"short read: {n} of {chunk} bytes at offset {offset}")
+                    lat.append(t1 - t0)
+                    if t1 >= deadline[0]:
+                        break
+            except BaseException as e:  # re-raised in the caller's thread
+                errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i,), daemon=True)
+               for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    io_before = _storage_read_bytes()
+    start = time.perf_counter_ns()
+    deadline[0] = start + int(seconds * 1e9)
+    barrier.wait()
+    for t in threads:
+        t.join()
+    wall = (time.perf_counter_ns() - start) / 1e9
+    io_after = _storage_read_bytes()
+    if errors:
+        raise errors[0]
+
+    lat_us = np.concatenate([np.asarray(x, dtype=np.int64) for x in latencies]) / 1e3
+    reads = int(lat_us.size)
+    nbytes = reads * chunk
+    storage = None if io_before is None else io_after - io_before
+    return {
+        "chunk_bytes": chunk,
+        "concurrency": concurrency,
+        "reads": reads,
+        "bytes": nbytes,
+        "wall_s": wall,
+        "gb_s": nbytes / wall / 1e9,
+        "median_us": float(np.median(lat_us)),
+        "p90_us": float(np.percentile(lat_us, 90)),
+        "storage_bytes": storage,
+        "storage_ratio": None if storage is None else storage / nbytes,
+    }
+
+
+def _storage_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (None without task IO accounting)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _filesystem_of(path: Path) -> str:
+    """'<fstype> on <mount point> (<source>)' for the mount holding `path`, from /proc/mounts."""
+    real = os.path.realpath(path)
+    best = None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                source, mount, fstype = line.split()[:3]
+                mount = mount.replace("\\040", " ")
+                inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+                if inside and (best is None or len(mount) >= len(best[1])):
+                    best = (source, mount, fstype)
+    except OSError:
+        return "unknown filesystem"
+    if best is None:
+        return "unknown filesystem"
+    return f"{best[2]} on {best[1]} ({best[0]})"
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.4g} {unit}"
+    return f"{nbytes} B"

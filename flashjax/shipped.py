@@ -1,0 +1,55 @@
+"""The model that ships in the repository's ``checkpoints/`` directory.
+
+It is stored once, in Hugging Face format with its tokenizer and trained predictors; the
+flash store is made from it on first use in a cache directory (``$FLASHJAX_CACHE``, default
+``~/.cache/flashjax``) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import flashjax
+
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def shipped_checkpoint() -> Path:
+    """The shipped Hugging Face checkpoint directory."""
+    found = sorted(p.parent for p in CHECKPOINTS.glob("*/config.json"))
+    if not found:
+        raise FileNotFoundError(f"no shipped model under {CHECKPOINTS} (flashjax must be "
+                                f"installed from a clone with `pip install -e .`); pass a "
+                                f"MODEL_DIR instead")
+    return found[0]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FLASHJAX_CACHE", Path.home() / ".cache" / "flashjax"))
+
+
+def _fingerprint(hf_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors", "predictors/metrics.json"):
+        path = hf_dir / name
+        if path.exists():
+            h.update(name.encode())
+            h.update(str(path.stat().st_size).encode())
+            h.update(path.read_bytes() if path.stat().st_size < 1 << 20 else
+                     hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:12]
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The converted shipped model, converting it on first use."""
+    hf_dir = shipped_checkpoint()
+    out = cache_root() / f"{hf_dir.name}-{_fingerprint(hf_dir)}"
+    if not out.exists():
+        if progress:
+            print(f"converting the shipped model {hf_dir.name} into {out} (once)",
+                  file=sys.stderr)
+        flashjax.convert(hf_dir, out, dtype="float16", progress=progress)
+    return out

@@ -45,6 +45,9 @@ def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int = 
         return _load_dense(path, manifest, dtype, progress)
     if predictor == "auto":
         predictor = "lowrank" if (path / "predictors").exists() else "oracle"
+        if predictor == "oracle":
+            log.warning("%s has no trained predictors: using the oracle, which keeps the whole "
+                        "up-projection in DRAM outside the budget", path)
     return _load_flash(path, manifest, dtype, dram_budget, predictor, window, engine_options)
 
 

@@ -131,15 +131,19 @@ def test_resident_rows_equal_their_bundles(sparse_model):
                                       flash.fc1_bias[layer][cache.resident])
 
 
-@pytest.fixture(scope="module")
-def wide_model(tmp_path_factory):
-    """Rows of 1024 float16 pairs: 4 KiB, one storage block each, so direct reads are exact."""
-    root = tmp_path_factory.mktemp("wide")
-    cfg = tiny_opt_config(hidden_size=1024, ffn_dim=4096, num_hidden_layers=2,
+def _wide(root, ffn_dim: int):
+    """Two layers 1024 wide: a float16 bundle half is 2 KiB, a row 4 KiB = one storage block,
+    so direct reads carry no rounding."""
+    cfg = tiny_opt_config(hidden_size=1024, ffn_dim=ffn_dim, num_hidden_layers=2,
                           num_attention_heads=8, vocab_size=64, max_position_embeddings=64)
     synthetic_hf_checkpoint(root / "hf", cfg, ffn_active=0.05)
     flashjax.convert(root / "hf", root / "fj", progress=False)
     return root / "fj"
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    return _wide(tmp_path_factory.mktemp("wide"), 4096)
 
 
 def test_storage_bytes_follow_flash_bytes(wide_model):
@@ -175,13 +179,8 @@ print(json.dumps({"peak": peak, "hwm": hwm}))
 
 @pytest.fixture(scope="module")
 def rss_model(tmp_path_factory):
-    """An FFN of 2 x 8192 rows of 8 KiB: buffers large enough to stand out of allocator noise."""
-    root = tmp_path_factory.mktemp("rss")
-    cfg = tiny_opt_config(hidden_size=1024, ffn_dim=8192, num_hidden_layers=2,
-                          num_attention_heads=8, vocab_size=64, max_position_embeddings=64)
-    synthetic_hf_checkpoint(root / "hf", cfg, ffn_active=0.05)
-    flashjax.convert(root / "hf", root / "fj", progress=False)
-    return root / "fj"
+    """2 x 8192 rows: float32 buffers large enough to stand out of allocator noise."""
+    return _wide(tmp_path_factory.mktemp("rss"), 8192)
 
 
 def test_peak_dram_accounting_matches_rss(rss_model):

@@ -158,7 +158,7 @@ class FlashModel(Model):
                  predictors=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader = reader
-        self.plan_ = plan
+        self._memory = plan
         self.options = options
         self.fc1_bias = fc1_bias  # host copies, per layer [N], to fill buffer bias slots
         self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
@@ -174,23 +174,21 @@ class FlashModel(Model):
 
     @property
     def memory(self) -> MemoryPlan:
-        return self.plan_
+        return self._memory
 
     def _warm_up(self) -> None:
         """Compile the row-update kernels for every padded size now, not while generating."""
-        d = self.cfg.hidden_size
         width = self.cfg.bundle_width
         for size in self.sizes:
-            idx = jnp.full((size,), self.plan_.capacity, jnp.int32)
+            idx = jnp.full((size,), self._memory.capacity, jnp.int32)
             self.buffers[0] = move_rows(self.buffers[0], idx, jnp.zeros((size,), jnp.int32))
             rows = np.zeros((size, width), self.reader.staging.dtype)
             self.buffers[0] = append_rows(self.buffers[0], idx, rows,
                                           np.zeros(size, self.fc1_bias[0].dtype))
-        assert self.buffers[0].up.shape == (self.plan_.capacity, d)
 
     def reset(self) -> None:
         """Forget what is resident (buffers keep their memory) and start new statistics."""
-        self.caches = [NeuronCache(self.cfg.ffn_dim, self.plan_.capacity) for _ in self.caches]
+        self.caches = [NeuronCache(self.cfg.ffn_dim, self._memory.capacity) for _ in self.caches]
         self.step_count = 0
         self.stats = Stats()
 
@@ -232,7 +230,7 @@ class FlashModel(Model):
     def _append(self, layer: int, buf: NeuronBuffer, ids, slots: np.ndarray) -> NeuronBuffer:
         """Read bundle rows ``ids`` (sorted array or slice) into ``slots`` of ``buf``, at most
         ``update_rows`` at a time; returns the updated (donated) buffer."""
-        stats, chunk = self.stats, self.plan_.update_rows
+        stats, chunk = self.stats, self._memory.update_rows
         all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if isinstance(ids, slice) \
             else ids
         for start in range(0, slots.size, chunk):
@@ -246,7 +244,7 @@ class FlashModel(Model):
             bias = np.zeros(size, self.fc1_bias[layer].dtype)
             bias[:part.size] = self.fc1_bias[layer][part]
             # Rows past part.size are stale staging data; their padded slots are dropped.
-            buf = append_rows(buf, pad(slots[start:start + chunk], size, self.plan_.capacity),
+            buf = append_rows(buf, pad(slots[start:start + chunk], size, self._memory.capacity),
                               self.reader.staging[:size], bias)
             # The staging buffer is rewritten by the next read: finish using it first.
             jax.block_until_ready(buf)
@@ -255,7 +253,7 @@ class FlashModel(Model):
         return buf
 
     def _cached_layer(self, layer: int, ffn_in, token_valid):
-        stats, chunk = self.stats, self.plan_.update_rows
+        stats, chunk = self.stats, self._memory.update_rows
         t0 = time.perf_counter()
         needed, scores = self._predict(layer, ffn_in, token_valid)
         t1 = time.perf_counter()
@@ -265,7 +263,7 @@ class FlashModel(Model):
         for start in range(0, plan.holes.size, chunk):
             holes = plan.holes[start:start + chunk]
             size = bucket_for(holes.size, self.sizes)
-            buf = move_rows(buf, pad(holes, size, self.plan_.capacity),
+            buf = move_rows(buf, pad(holes, size, self._memory.capacity),
                             pad(plan.movers[start:start + chunk], size, 0))
         stats.add("memory", time.perf_counter() - t1)
         buf = self._append(layer, buf, plan.missing, plan.append_slots)
@@ -281,7 +279,7 @@ class FlashModel(Model):
 
     def _stream_layer(self, layer: int, ffn_in):
         """The naive baseline: every row of the layer from flash, in buffer-sized chunks."""
-        capacity, n = self.plan_.capacity, self.cfg.ffn_dim
+        capacity, n = self._memory.capacity, self.cfg.ffn_dim
         out = jnp.zeros_like(ffn_in)
         slots = np.arange(capacity, dtype=np.int32)
         for start in range(0, n, capacity):
@@ -334,8 +332,8 @@ class FlashModel(Model):
         return super().logits(token_ids, attention_mask)
 
     def last_stats(self) -> dict:
-        return self.stats.report(self.plan_, self.reader.row_bytes, {
+        return self.stats.report(self._memory, self.reader.row_bytes, {
             "predictor": self.options.predictor, "window": self.options.window,
-            "direct_io": self.options.direct_io, "capacity": self.plan_.capacity,
-            "update_rows": self.plan_.update_rows,
+            "direct_io": self.options.direct_io, "capacity": self._memory.capacity,
+            "update_rows": self._memory.update_rows,
             "oracle_bytes": sum(w.nbytes + b.nbytes for w, b in self.oracle or [])})

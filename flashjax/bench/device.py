@@ -121,8 +121,8 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
                       f"came from storage ({_filesystem_of(target)}); those reads were served "
                       f"by a cache, so they do not measure the device", stacklevel=2)
     return {
-        "path": str(path),
-        "file": str(target),
+        "path": os.path.abspath(path),
+        "file": os.path.abspath(target),
         "filesystem": _filesystem_of(target),
         "direct_io": direct,
         "file_bytes": file_bytes,
@@ -170,8 +170,9 @@ def plot_device_limit(result: dict, png_path, mark_chunk=None) -> Path:
         row = sorted((p["chunk_bytes"], p["gb_s"], p["median_us"]) for p in result["points"]
                      if p["concurrency"] == conc)
         x, gb_s, lat = zip(*row)
-        ax_gb.plot(x, gb_s, marker="o", label=f"{conc} threads")
-        ax_lat.plot(x, lat, marker="o", label=f"{conc} threads")
+        label = f"{conc} thread" + "s" * (conc > 1)
+        ax_gb.plot(x, gb_s, marker="o", label=label)
+        ax_lat.plot(x, lat, marker="o", label=label)
     for ax in (ax_gb, ax_lat):
         ax.set_xscale("log", base=2)
         ax.set_xticks(chunks, [f"{c // 1024}" for c in chunks])

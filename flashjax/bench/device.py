@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from flashjax.store.reader import storage_read_bytes
+
 DEFAULT_CHUNK_SIZES = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 DEFAULT_CONCURRENCIES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_FILE_BYTES = 2 << 30
@@ -332,14 +334,14 @@ def _measure_point(fd: int, n_chunks: int, chunk: int, concurrency: int, seconds
                for i in range(concurrency)]
     for t in threads:
         t.start()
-    io_before = _storage_read_bytes()
+    io_before = storage_read_bytes()
     start = time.perf_counter_ns()
     deadline[0] = start + int(seconds * 1e9)
     barrier.wait()
     for t in threads:
         t.join()
     wall = (time.perf_counter_ns() - start) / 1e9
-    io_after = _storage_read_bytes()
+    io_after = storage_read_bytes()
     if errors:
         raise errors[0]
 
@@ -359,18 +361,6 @@ def _measure_point(fd: int, n_chunks: int, chunk: int, concurrency: int, seconds
         "storage_bytes": storage,
         "storage_ratio": None if storage is None else storage / nbytes,
     }
-
-
-def _storage_read_bytes() -> int | None:
-    """Bytes this process has caused to be read from storage (None without task IO accounting)."""
-    try:
-        with open("/proc/self/io") as f:
-            for line in f:
-                if line.startswith("read_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def _filesystem_of(path: Path) -> str:

@@ -36,6 +36,7 @@ class EngineOptions:
     """How a flash-backed model runs (everything jit does not specialise on)."""
 
     predictor: str | None = "oracle"  # "oracle", "lowrank", or None: read every row
+    hybrid: bool = False  # predictor None: keep what fits resident, stream only the rest
     window: int = 4  # keep neurons needed by the last k tokens (the paper's OPT setting)
     direct_io: bool = True  # O_DIRECT reads: the page cache never serves the flash store
     reader_threads: int = 32  # concurrent reads in flight (the paper used 32)
@@ -70,8 +71,9 @@ def _attend(cfg: ModelConfig, layer_params, h, cache: KVCache, layer):
 
 
 @jax.jit
-def _ffn_part(buf: NeuronBuffer, n_live, ffn_in, acc):
-    return acc + SparseFFN().apply({}, ffn_in, buf.up, buf.down, buf.bias, n_live)
+def _ffn_part(buf: NeuronBuffer, first, n_live, ffn_in, acc):
+    """acc + the FFN over buffer slots [first, n_live) (fc2 bias not added)."""
+    return acc + SparseFFN().apply({}, ffn_in, buf.up, buf.down, buf.bias, n_live, first)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -168,8 +170,7 @@ class FlashModel(Model):
         self.buffers = [NeuronBuffer.init(plan.capacity, cfg.hidden_size, self.dtype)
                         for _ in self.layer_params]
         self.sizes = buckets(plan.update_rows)
-        self.step_count = 0
-        self.stats = Stats()
+        self.reset()
         self._warm_up()
 
     @property
@@ -189,6 +190,7 @@ class FlashModel(Model):
     def reset(self) -> None:
         """Forget what is resident (buffers keep their memory) and start new statistics."""
         self.caches = [NeuronCache(self.cfg.ffn_dim, self._memory.capacity) for _ in self.caches]
+        self._pinned_loaded = [False] * len(self.caches)
         self.step_count = 0
         self.stats = Stats()
 
@@ -272,23 +274,43 @@ class FlashModel(Model):
         stats.rows_dropped += plan.dropped
         stats.rows_needed += int(needed.size)
         t2 = time.perf_counter()
-        out = _ffn_part(buf, jnp.int32(self.caches[layer].n), ffn_in, jnp.zeros_like(ffn_in))
+        out = _ffn_part(buf, jnp.int32(0), jnp.int32(self.caches[layer].n), ffn_in,
+                        jnp.zeros_like(ffn_in))
         out.block_until_ready()
         stats.add("compute", time.perf_counter() - t2)
         return out
 
+    @property
+    def pinned_rows(self) -> int:
+        """Rows per layer kept resident by the streaming baselines: none for naive; for
+        hybrid, all the buffer holds but one update's worth, through which the rest streams."""
+        if not self.options.hybrid:
+            return 0
+        return max(0, min(self.cfg.ffn_dim, self._memory.capacity - self._memory.update_rows))
+
     def _stream_layer(self, layer: int, ffn_in):
-        """The naive baseline: every row of the layer from flash, in buffer-sized chunks."""
-        capacity, n = self._memory.capacity, self.cfg.ffn_dim
-        out = jnp.zeros_like(ffn_in)
+        """The baselines without a predictor: every row of the layer used for every token.
+        Naive reads all of them from flash each time; hybrid reads the pinned part once."""
+        capacity, n, pinned = self._memory.capacity, self.cfg.ffn_dim, self.pinned_rows
         slots = np.arange(capacity, dtype=np.int32)
-        for start in range(0, n, capacity):
-            count = min(capacity, n - start)
+        if pinned and not self._pinned_loaded[layer]:  # the pinned rows come in once
+            self.buffers[layer] = self._append(layer, self.buffers[layer], slice(0, pinned),
+                                               slots[:pinned])
+            self._pinned_loaded[layer] = True
+        out = jnp.zeros_like(ffn_in)
+        t0 = time.perf_counter()
+        if pinned:
+            out = _ffn_part(self.buffers[layer], jnp.int32(0), jnp.int32(pinned), ffn_in, out)
+            out.block_until_ready()
+        self.stats.add("compute", time.perf_counter() - t0)
+        chunk = capacity - pinned
+        for start in range(pinned, n, chunk):
+            count = min(chunk, n - start)
             buf = self._append(layer, self.buffers[layer], slice(start, start + count),
-                               slots[:count])
+                               slots[pinned:pinned + count])
             self.buffers[layer] = buf
             t0 = time.perf_counter()
-            out = _ffn_part(buf, jnp.int32(count), ffn_in, out)
+            out = _ffn_part(buf, jnp.int32(pinned), jnp.int32(pinned + count), ffn_in, out)
             out.block_until_ready()
             self.stats.add("compute", time.perf_counter() - t0)
         self.stats.rows_needed += n

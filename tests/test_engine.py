@@ -67,6 +67,18 @@ def test_naive_streaming_equals_dense(sparse_model):
     assert flash.memory.capacity < 2048  # streamed in several chunks per layer
 
 
+def test_hybrid_streams_only_what_is_not_resident(sparse_model):
+    path = sparse_model("pre_ln")
+    dense = flashjax.load(path, progress=False)
+    flash = flashjax.load(path, dram_budget=0.5, predictor=None, hybrid=True)
+    ids, stats = flash.generate(PROMPT, 6, stop_at_eos=False, return_stats=True)
+    assert ids == dense.generate(PROMPT, 6, stop_at_eos=False)
+    pinned = flash.pinned_rows
+    assert 0 < pinned < 2048
+    # the pinned rows once, the rest every token
+    assert stats["rows_loaded"] == 3 * (pinned + stats["tokens"] * (2048 - pinned))
+
+
 def test_batched_flash_generation(sparse_model):
     path = sparse_model("post_ln_proj")
     dense = flashjax.load(path, progress=False)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 
 class SparseFFN(nn.Module):
-    """relu(x @ up.T + bias) @ down over the live slots [0, n_live) of a neuron buffer.
+    """relu(x @ up.T + bias) @ down over the live slots [first, n_live) of a neuron buffer.
 
     The slots hold any subset of the layer's neurons in any order; rows at slots >= n_live
     are stale and contribute nothing. The fc2 bias is added by the caller (once per layer,
@@ -20,9 +20,10 @@ class SparseFFN(nn.Module):
     """
 
     @nn.compact
-    def __call__(self, x, up, down, bias, n_live):
-        """x: [B, S, D]; up, down: [C, D]; bias: [C]; n_live: int32 scalar -> [B, S, D]."""
-        live = jnp.arange(up.shape[0]) < n_live  # [C]
+    def __call__(self, x, up, down, bias, n_live, first=0):
+        """x: [B, S, D]; up, down: [C, D]; bias: [C]; n_live, first: int32 scalars -> [B, S, D]."""
+        slot = jnp.arange(up.shape[0])
+        live = (slot >= first) & (slot < n_live)  # [C]
         # [B, S, C]
         h = jnp.einsum("bsd,cd->bsc", x.astype(up.dtype), up) + bias
         h = jnp.where(live, jax.nn.relu(h), 0)

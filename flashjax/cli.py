@@ -156,6 +156,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from flashjax.bench.run import bench, format_table, plot, save_json
+
+    result = bench(args.model_dir, dram_budget=args.dram_budget, tokens=args.tokens,
+                   window=args.window, device=not args.no_device_limit)
+    print(format_table(result))
+    if args.json:
+        save_json(result, args.json)
+    if args.plots:
+        for path in plot(result, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="the paper's configurations under one DRAM budget")
+    p.add_argument("model_dir")
+    p.add_argument("--dram-budget", default="50%")
+    p.add_argument("--tokens", type=int, default=16, help="generated tokens per configuration")
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--plots", help="write PNG plots into this directory")
+    p.add_argument("--no-device-limit", action="store_true",
+                   help="skip the storage random-read sweep (it writes a 1 GiB scratch file)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")
     p.add_argument("model_dir")

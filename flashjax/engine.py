@@ -286,7 +286,9 @@ class FlashModel(Model):
         hybrid, all the buffer holds but one update's worth, through which the rest streams."""
         if not self.options.hybrid:
             return 0
-        return max(0, min(self.cfg.ffn_dim, self._memory.capacity - self._memory.update_rows))
+        if self._memory.capacity >= self.cfg.ffn_dim:
+            return self.cfg.ffn_dim
+        return max(0, self._memory.capacity - self._memory.update_rows)
 
     def _stream_layer(self, layer: int, ffn_in):
         """The baselines without a predictor: every row of the layer used for every token.

@@ -49,3 +49,22 @@ def test_flash_generate_reports_stats(tmp_path, capsys):
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "per token (median)" in err and "flash bytes/token" in err
+
+
+def test_generate_without_model_uses_the_shipped_one(tmp_path, monkeypatch, capsys):
+    """No MODEL_DIR: the checkpoint under checkpoints/ is converted once into the cache and
+    run flash-backed at half the DRAM."""
+    from flashjax import shipped
+
+    hf = tmp_path / "checkpoints" / "tiny"
+    synthetic_hf_checkpoint(hf, tiny_opt_config(ffn_dim=1024), ffn_active=0.05)
+    monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path / "checkpoints")
+    monkeypatch.setenv("FLASHJAX_CACHE", str(tmp_path / "cache"))
+    assert main(["generate", "--prompt-ids", "2,5,6", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 4 and out["stats"]["dram_budget_bytes"] > 0
+    (converted,) = (tmp_path / "cache").iterdir()
+    mtime = (converted / "manifest.json").stat().st_mtime
+    assert main(["generate", "--prompt-ids", "2,5,6", "--max-new-tokens", "4"]) == 0
+    assert (converted / "manifest.json").stat().st_mtime == mtime  # reused, not reconverted
+    assert "per token (median)" in capsys.readouterr().err

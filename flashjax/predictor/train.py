@@ -95,7 +95,7 @@ def train_layer(layer: int, data_dir: Path, meta: dict, *, rank: int, steps: int
     if split <= 0 or split >= rows:
         raise ValueError(f"{data_dir}: {rows} tokens are too few for a validation split of "
                          f"{val_fraction}")
-    pos_rate = float(np.unpackbits(bits_all[:split], axis=-1, count=n, bitorder="little").mean())
+    pos_rate = float(np.bitwise_count(bits_all[:split]).sum()) / (split * n)
     pos_weight = (1 - pos_rate) / max(pos_rate, 1e-6)
     module = LowRankPredictor(rank=rank, n_neurons=n)
     params = module.init(jax.random.key(seed + layer), jnp.zeros((1, meta["d_model"])))["params"]

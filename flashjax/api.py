@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashjax.budget import MemoryPlan, parse_budget
+from flashjax.budget import MemoryPlan, parse_budget, split_rows
 from flashjax.runtime import Model, default_compute_dtype
 from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
@@ -67,8 +67,9 @@ def dense_bytes(manifest: Manifest, dtype) -> int:
 
 
 def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options,
-                predictor_bytes: int = 0) -> MemoryPlan:
-    """Split ``budget``: fixed parts first, then equal neuron buffers for every layer."""
+                predictor_bytes: int = 0, weights=None) -> MemoryPlan:
+    """Split ``budget``: fixed parts first, then the neuron buffers, shared among layers in
+    proportion to ``weights`` (each layer's expected share of needed neurons; default equal)."""
     cfg = manifest.config
     item = jnp.dtype(dtype).itemsize
     layers, n, d = cfg.num_hidden_layers, cfg.ffn_dim, cfg.hidden_size
@@ -89,11 +90,12 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     staging = rows * manifest.row_bytes
     workspace = rows * update_row
     # per row of capacity, in every layer: up + down rows and bias, slot id and last use
-    per_row = layers * ((2 * d + 1) * item + 4 + 8)
+    layer_row = (2 * d + 1) * item + 4 + 8
+    per_row = layers * layer_row
     fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace
-    capacity = min(n, max(0, (budget - fixed) // per_row))
+    capacities = split_rows(max(0, budget - fixed) // layer_row, weights or [1.0] * layers, n)
     need = min(n, MIN_CAPACITY)
-    if capacity < need:
+    if min(capacities) < need:
         minimum = fixed + need * per_row
         raise ValueError(
             f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} bytes for "
@@ -104,9 +106,37 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             f"{staging + workspace:,} + neuron buffers {need * per_row:,}")
     return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
                       staging=staging, workspace=workspace,
-                      index=index_fixed + capacity * layers * 12,
-                      buffers=capacity * layers * (2 * d + 1) * item, capacity=int(capacity),
-                      update_rows=int(min(rows, capacity)))
+                      index=index_fixed + sum(capacities) * 12,
+                      buffers=sum(capacities) * (2 * d + 1) * item,
+                      capacities=tuple(capacities), update_rows=int(min(rows, min(capacities))))
+
+
+def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors):
+    """Hold resident weights (and predictors) in the compute dtype, unless that leaves fewer
+    than a quarter of each layer's neurons room while the narrower storage dtype would
+    leave more (they are widened inside each jitted step then)."""
+    storage = jnp.dtype(NP_DTYPES[manifest.dtype])
+    if options.resident_dtype is not None:
+        candidates = [jnp.dtype(options.resident_dtype)]
+    elif storage.itemsize < dtype.itemsize:
+        candidates = [dtype, storage]
+    else:
+        candidates = [dtype]
+    elements = sum(x.size for x in jax.tree.leaves(predictors.params)) if predictors else 0
+    weights = predictors.layer_weights() if predictors else None
+    for i, candidate in enumerate(candidates):
+        last = i == len(candidates) - 1
+        resident = manifest.dram_bytes // storage.itemsize * candidate.itemsize
+        try:
+            plan = plan_memory(manifest, dtype, budget, resident, options,
+                               predictor_bytes=elements * candidate.itemsize, weights=weights)
+        except ValueError:
+            if last:
+                raise
+            continue
+        if last or min(plan.capacities) >= manifest.config.ffn_dim // 4:
+            return candidate, plan
+    raise AssertionError("unreachable")
 
 
 def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, window,
@@ -122,9 +152,9 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
     options = EngineOptions(predictor=predictor, window=window, **engine_options)
     if options.max_context is None:
         options = dataclasses.replace(options,
-                                      max_context=min(cfg.max_position_embeddings, 512))
-    params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, dtype))
-    resident = sum(x.nbytes for x in jax.tree.leaves(params))
+                                      max_context=min(cfg.max_position_embeddings, 256))
+    budget = parse_budget(dram_budget if dram_budget is not None else 1.0,
+                          dense_bytes(manifest, dtype))
     predictors = None
     if predictor == "lowrank":
         from flashjax.predictor.model import Predictors
@@ -133,10 +163,12 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             predictors = Predictors.load(path, cfg.num_hidden_layers, dtype)
         except FileNotFoundError as e:
             raise ValueError(f"predictor 'lowrank': {e}; or use predictor='oracle'") from None
-    budget = parse_budget(dram_budget if dram_budget is not None else 1.0,
-                          dense_bytes(manifest, dtype))
-    plan = plan_memory(manifest, dtype, budget, resident, options,
-                       predictor_bytes=predictors.nbytes if predictors else 0)
+    resident_dtype, plan = _choose_resident_dtype(manifest, dtype, budget, options, predictors)
+    params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, resident_dtype))
+    if predictors is not None:
+        predictors.params = jax.tree.map(lambda x: x.astype(resident_dtype), predictors.params)
+    log.info("flash model %s: budget %d bytes, resident weights in %s, %d rows per layer",
+             path, budget, resident_dtype, plan.capacity)
     fc1_bias = [np.asarray(params[f"layers_{i}"]["ffn"]["fc1"]["bias"])
                 for i in range(cfg.num_hidden_layers)]
     oracle = None
@@ -145,10 +177,9 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
         oracle = []
         for layer in range(cfg.num_hidden_layers):
             up, _ = split_bundles(bundles.read_layer(path, layer, checksums), cfg.hidden_size)
-            oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer])))
+            oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer], dtype)))
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads)
-    log.info("flash model %s: budget %d bytes, %d rows per layer", path, budget, plan.capacity)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
-                      oracle=oracle, predictors=predictors, tokenizer=load_tokenizer(path, manifest), path=path,
-                      dtype=dtype)
+                      oracle=oracle, predictors=predictors,
+                      tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

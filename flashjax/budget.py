@@ -56,8 +56,13 @@ class MemoryPlan:
     workspace: int  # transient copies made while moving and appending rows
     index: int  # per-layer slot <-> neuron maps and last-use steps
     buffers: int  # per-layer neuron buffers at full capacity
-    capacity: int  # rows per layer
+    capacities: tuple[int, ...]  # rows of each layer's buffer
     update_rows: int  # most rows read or written in one update
+
+    @property
+    def capacity(self) -> int:
+        """The largest layer buffer's rows."""
+        return max(self.capacities)
 
     @property
     def total(self) -> int:
@@ -65,4 +70,27 @@ class MemoryPlan:
                 + self.index + self.buffers)
 
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "total": self.total}
+        return {**dataclasses.asdict(self), "capacities": list(self.capacities),
+                "total": self.total}
+
+
+def split_rows(total: int, weights, n_neurons: int, granule: int = 16) -> list[int]:
+    """Share ``total`` buffer rows among layers in proportion to ``weights`` (the share of
+    neurons each layer is expected to need), none above ``n_neurons``: what a capped layer
+    cannot use goes to the others. Rounded down to multiples of ``granule`` below the cap."""
+    weights = [max(float(w), 1e-9) for w in weights]
+    rows = [0.0] * len(weights)
+    free = list(range(len(weights)))
+    left = float(total)
+    while free and left > 0:
+        scale = left / sum(weights[i] for i in free)
+        capped = [i for i in free if weights[i] * scale >= n_neurons]
+        if not capped:
+            for i in free:
+                rows[i] = weights[i] * scale
+            break
+        for i in capped:
+            rows[i] = n_neurons
+            left -= n_neurons
+            free.remove(i)
+    return [n_neurons if r >= n_neurons else int(r) // granule * granule for r in rows]

@@ -40,25 +40,34 @@ class EngineOptions:
     window: int = 4  # keep neurons needed by the last k tokens (the paper's OPT setting)
     direct_io: bool = True  # O_DIRECT reads: the page cache never serves the flash store
     reader_threads: int = 32  # concurrent reads in flight (the paper used 32)
-    max_context: int | None = None  # KV-cache slots reserved (None: min(max positions, 512))
+    max_context: int | None = None  # KV-cache slots reserved (None: min(max positions, 256))
+    resident_dtype: str | None = None  # dtype of resident weights in DRAM (None: see load)
     max_batch: int = 1  # sequences per batch reserved in the budget
     verify_reads: bool = False  # crc32-check every row read
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
 
 
 # -- jitted pieces: every layer has the same shapes, so each compiles once ---------------------
+# Resident weights may be held in a narrower dtype than the computation (to fit a budget);
+# each piece widens what it uses to the dtype of the activations or KV cache.
+
+def _widen(tree, like):
+    return jax.tree.map(lambda x: x.astype(like.dtype), tree)
+
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
 def _embed(cfg: ModelConfig, params, tokens, positions, token_valid, cache: KVCache):
     """tokens, positions, token_valid: [B] -> h [B, 1, D]; marks the new cache slot."""
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid[:, None], cache.index,
                                                 axis=1)
+    params = _widen(params, cache.keys)
     h = OPT(cfg).apply({"params": params}, tokens[:, None], positions[:, None], method=OPT.embed)
     return h, cache.replace(valid=valid)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _attend(cfg: ModelConfig, layer_params, h, cache: KVCache, layer):
+    layer_params = _widen(layer_params, h)
     keys = jax.lax.dynamic_index_in_dim(cache.keys, layer, keepdims=False)
     values = jax.lax.dynamic_index_in_dim(cache.values, layer, keepdims=False)
     h, ffn_in, keys, values = DecoderLayer(cfg).apply(
@@ -78,12 +87,14 @@ def _ffn_part(buf: NeuronBuffer, first, n_live, ffn_in, acc):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _finish(cfg: ModelConfig, layer_params, h, ffn_out):
+    layer_params = _widen(layer_params, h)
     ffn_out = ffn_out + layer_params["ffn"]["fc2"]["bias"]
     return DecoderLayer(cfg).apply({"params": layer_params}, h, ffn_out, method=DecoderLayer.finish)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def _head(cfg: ModelConfig, params, h, cache: KVCache):
+    params = _widen(params, h)
     logits = OPT(cfg).apply({"params": params}, h, method=OPT.head)[:, 0]
     return logits, cache.replace(index=cache.index + 1)
 
@@ -166,9 +177,8 @@ class FlashModel(Model):
         self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
         self.predictors = predictors  # flashjax.predictor.model.Predictors, or None
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
-        self.caches = [NeuronCache(cfg.ffn_dim, plan.capacity) for _ in self.layer_params]
-        self.buffers = [NeuronBuffer.init(plan.capacity, cfg.hidden_size, self.dtype)
-                        for _ in self.layer_params]
+        self.buffers = [NeuronBuffer.init(c, cfg.hidden_size, self.dtype)
+                        for c in plan.capacities]
         self.sizes = buckets(plan.update_rows)
         self.reset()
         self._warm_up()
@@ -180,16 +190,19 @@ class FlashModel(Model):
     def _warm_up(self) -> None:
         """Compile the row-update kernels for every padded size now, not while generating."""
         width = self.cfg.bundle_width
-        for size in self.sizes:
-            idx = jnp.full((size,), self._memory.capacity, jnp.int32)
-            self.buffers[0] = move_rows(self.buffers[0], idx, jnp.zeros((size,), jnp.int32))
-            rows = np.zeros((size, width), self.reader.staging.dtype)
-            self.buffers[0] = append_rows(self.buffers[0], idx, rows,
-                                          np.zeros(size, self.fc1_bias[0].dtype))
+        first_of = {c: self._memory.capacities.index(c) for c in set(self._memory.capacities)}
+        for capacity, layer in first_of.items():
+            for size in self.sizes:
+                idx = jnp.full((size,), capacity, jnp.int32)  # all out of range: no writes
+                self.buffers[layer] = move_rows(self.buffers[layer], idx,
+                                                jnp.zeros((size,), jnp.int32))
+                rows = np.zeros((size, width), self.reader.staging.dtype)
+                self.buffers[layer] = append_rows(self.buffers[layer], idx, rows,
+                                                  np.zeros(size, self.fc1_bias[0].dtype))
 
     def reset(self) -> None:
         """Forget what is resident (buffers keep their memory) and start new statistics."""
-        self.caches = [NeuronCache(self.cfg.ffn_dim, self._memory.capacity) for _ in self.caches]
+        self.caches = [NeuronCache(self.cfg.ffn_dim, c) for c in self._memory.capacities]
         self._pinned_loaded = [False] * len(self.caches)
         self.step_count = 0
         self.stats = Stats()
@@ -246,7 +259,7 @@ class FlashModel(Model):
             bias = np.zeros(size, self.fc1_bias[layer].dtype)
             bias[:part.size] = self.fc1_bias[layer][part]
             # Rows past part.size are stale staging data; their padded slots are dropped.
-            buf = append_rows(buf, pad(slots[start:start + chunk], size, self._memory.capacity),
+            buf = append_rows(buf, pad(slots[start:start + chunk], size, buf.up.shape[0]),
                               self.reader.staging[:size], bias)
             # The staging buffer is rewritten by the next read: finish using it first.
             jax.block_until_ready(buf)
@@ -265,7 +278,7 @@ class FlashModel(Model):
         for start in range(0, plan.holes.size, chunk):
             holes = plan.holes[start:start + chunk]
             size = bucket_for(holes.size, self.sizes)
-            buf = move_rows(buf, pad(holes, size, self._memory.capacity),
+            buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
                             pad(plan.movers[start:start + chunk], size, 0))
         stats.add("memory", time.perf_counter() - t1)
         buf = self._append(layer, buf, plan.missing, plan.append_slots)
@@ -280,20 +293,21 @@ class FlashModel(Model):
         stats.add("compute", time.perf_counter() - t2)
         return out
 
-    @property
-    def pinned_rows(self) -> int:
-        """Rows per layer kept resident by the streaming baselines: none for naive; for
-        hybrid, all the buffer holds but one update's worth, through which the rest streams."""
+    def pinned_rows(self, layer: int) -> int:
+        """Rows kept resident by the streaming baselines: none for naive; for hybrid, all
+        the layer's buffer holds but one update's worth, through which the rest streams."""
+        capacity = self._memory.capacities[layer]
         if not self.options.hybrid:
             return 0
-        if self._memory.capacity >= self.cfg.ffn_dim:
+        if capacity >= self.cfg.ffn_dim:
             return self.cfg.ffn_dim
-        return max(0, self._memory.capacity - self._memory.update_rows)
+        return max(0, capacity - self._memory.update_rows)
 
     def _stream_layer(self, layer: int, ffn_in):
         """The baselines without a predictor: every row of the layer used for every token.
         Naive reads all of them from flash each time; hybrid reads the pinned part once."""
-        capacity, n, pinned = self._memory.capacity, self.cfg.ffn_dim, self.pinned_rows
+        capacity, n = self._memory.capacities[layer], self.cfg.ffn_dim
+        pinned = self.pinned_rows(layer)
         slots = np.arange(capacity, dtype=np.int32)
         if pinned and not self._pinned_loaded[layer]:  # the pinned rows come in once
             self.buffers[layer] = self._append(layer, self.buffers[layer], slice(0, pinned),
@@ -359,5 +373,6 @@ class FlashModel(Model):
         return self.stats.report(self._memory, self.reader.row_bytes, {
             "predictor": self.options.predictor, "window": self.options.window,
             "direct_io": self.options.direct_io, "capacity": self._memory.capacity,
+            "capacities": list(self._memory.capacities),
             "update_rows": self._memory.update_rows,
             "oracle_bytes": sum(w.nbytes + b.nbytes for w, b in self.oracle or [])})

@@ -73,8 +73,8 @@ def test_hybrid_streams_only_what_is_not_resident(sparse_model):
     flash = flashjax.load(path, dram_budget=0.5, predictor=None, hybrid=True)
     ids, stats = flash.generate(PROMPT, 6, stop_at_eos=False, return_stats=True)
     assert ids == dense.generate(PROMPT, 6, stop_at_eos=False)
-    pinned = flash.pinned_rows
-    assert 0 < pinned < 2048
+    pinned = flash.pinned_rows(0)
+    assert 0 < pinned < 2048 and {flash.pinned_rows(i) for i in range(3)} == {pinned}
     # the pinned rows once, the rest every token
     assert stats["rows_loaded"] == 3 * (pinned + stats["tokens"] * (2048 - pinned))
 

@@ -56,6 +56,13 @@ class Predictors:
     thresholds: list[float]
     metrics: dict
 
+    def layer_weights(self) -> list[float] | None:
+        """Each layer's predicted-active fraction on held-out tokens (to size its buffer)."""
+        layers = self.metrics.get("layers")
+        if not layers or len(layers) != len(self.params):
+            return None
+        return [m["predicted_active_fraction"] for m in layers]
+
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.params))

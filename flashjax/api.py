@@ -179,7 +179,8 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             up, _ = split_bundles(bundles.read_layer(path, layer, checksums), cfg.hidden_size)
             oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer], dtype)))
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
-                         concurrency=options.reader_threads, verify=options.verify_reads)
+                         concurrency=options.reader_threads, verify=options.verify_reads,
+                         bundled=options.bundled)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
                       oracle=oracle, predictors=predictors,
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

@@ -44,6 +44,7 @@ class EngineOptions:
     resident_dtype: str | None = None  # dtype of resident weights in DRAM (None: see load)
     max_batch: int = 1  # sequences per batch reserved in the budget
     verify_reads: bool = False  # crc32-check every row read
+    bundled: bool = True  # False: read up and down halves from the unbundled copy (benchmarks)
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
 
 

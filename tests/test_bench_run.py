@@ -20,7 +20,11 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     assert "configuration" in out and "naive" in out
     result = json.loads((tmp_path / "b.json").read_text())
     configs = result["configs"]
-    assert list(configs) == ["naive", "hybrid", "predictor", "predictor+window"]
+    assert list(configs) == ["naive", "hybrid", "predictor", "predictor+window unbundled",
+                             "predictor+window"]
+    # unbundled: the same rows, from two arrays
+    assert configs["predictor+window unbundled"]["flash_bytes_per_token"] == \
+        configs["predictor+window"]["flash_bytes_per_token"]
     for name, r in configs.items():
         for key in ("ms_per_token", "io_ms", "memory_ms", "compute_ms", "flash_bytes_per_token",
                     "read_gbps", "storage_bytes_read"):

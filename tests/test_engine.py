@@ -79,6 +79,19 @@ def test_hybrid_streams_only_what_is_not_resident(sparse_model):
     assert stats["rows_loaded"] == 3 * (pinned + stats["tokens"] * (2048 - pinned))
 
 
+def test_unbundled_store_reads_the_same_rows(sparse_model):
+    path = sparse_model("post_ln_proj")
+    bundles.write_split(path)
+    bundled = flashjax.load(path, dram_budget=0.5, predictor="oracle")
+    split = flashjax.load(path, dram_budget=0.5, predictor="oracle", bundled=False)
+    a, stats_a = bundled.generate(PROMPT, 8, stop_at_eos=False, return_stats=True)
+    b, stats_b = split.generate(PROMPT, 8, stop_at_eos=False, return_stats=True)
+    assert a == b and stats_a["rows_loaded"] == stats_b["rows_loaded"]
+    for buf_a, buf_b in zip(bundled.buffers, split.buffers):
+        np.testing.assert_array_equal(np.asarray(buf_a.up), np.asarray(buf_b.up))
+        np.testing.assert_array_equal(np.asarray(buf_a.down), np.asarray(buf_b.down))
+
+
 def test_batched_flash_generation(sparse_model):
     path = sparse_model("post_ln_proj")
     dense = flashjax.load(path, progress=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import flashjax
+from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 
 PHASES = ("io", "memory", "predictor", "compute")
@@ -29,6 +30,8 @@ def configurations(has_predictors: bool, window: int) -> dict[str, dict]:
         "naive": {"predictor": None},
         "hybrid": {"predictor": None, "hybrid": True},
         "predictor": {"predictor": chosen, "window": 1},
+        "predictor+window unbundled": {"predictor": chosen, "window": window,
+                                       "bundled": False},
         "predictor+window": {"predictor": chosen, "window": window},
         "oracle+window": {"predictor": "oracle", "window": window},
     }
@@ -80,6 +83,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
     model_dir = Path(model_dir)
     manifest = Manifest.read(model_dir)
     has_predictors = (model_dir / "predictors").exists()
+    bundles.write_split(model_dir)  # the unbundled copy bundling is compared with
     result = {"model": str(model_dir), "dram_budget": dram_budget, "tokens": tokens,
               "row_bytes": manifest.row_bytes, "configs": {}}
     for name, options in configurations(has_predictors, window).items():
@@ -107,11 +111,11 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
 
 def format_table(result: dict) -> str:
     """The paper's latency table: one row per configuration."""
-    head = (f"{'configuration':<18}{'I/O':>8}{'memory':>8}{'predict':>8}{'compute':>9}"
+    head = (f"{'configuration':<27}{'I/O':>8}{'memory':>8}{'predict':>8}{'compute':>9}"
             f"{'total':>9}{'flash MB':>10}{'GB/s':>7}{'speedup':>9}")
     lines = [f"ms per generated token (median), DRAM budget {result['dram_budget']}", head]
     for name, r in result["configs"].items():
-        lines.append(f"{name:<18}{r['io_ms']:>8.1f}{r['memory_ms']:>8.1f}"
+        lines.append(f"{name:<27}{r['io_ms']:>8.1f}{r['memory_ms']:>8.1f}"
                      f"{r['predictor_ms']:>8.1f}{r['compute_ms']:>9.1f}{r['ms_per_token']:>9.1f}"
                      f"{r['flash_bytes_per_token'] / 1e6:>10.3f}{r['read_gbps']:>7.2f}"
                      f"{r['speedup_vs_naive']:>8.1f}x")

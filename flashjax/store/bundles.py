@@ -17,6 +17,7 @@ import numpy as np
 import tensorstore as ts
 
 FFN_DIR = "ffn"
+SPLIT_DIR = "ffn_split"  # the same weights unbundled (up and down apart), for benchmarks
 CHECKSUM_FILE = "crc32.npy"
 
 
@@ -28,9 +29,15 @@ def layer_key(layer: int) -> str:
     return f"layer_{layer:03d}"
 
 
-def _spec(model_dir: Path, layer: int) -> dict:
-    return {"driver": "zarr3",
-            "kvstore": {"driver": "file", "path": str(Path(model_dir) / FFN_DIR / layer_key(layer))}}
+def array_spec(model_dir: Path, layer: int, array: str | None = None) -> dict:
+    """A layer's bundle array, or with ``array`` another array of the model dir."""
+    path = Path(model_dir) / (array or f"{FFN_DIR}/{layer_key(layer)}")
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+
+
+def split_arrays(layer: int) -> tuple[str, str]:
+    """Relative paths of a layer's unbundled up and down arrays."""
+    return f"{SPLIT_DIR}/up_{layer:03d}", f"{SPLIT_DIR}/down_{layer:03d}"
 
 
 def write_context() -> ts.Context:
@@ -39,11 +46,13 @@ def write_context() -> ts.Context:
     return ts.Context({"file_io_sync": False})
 
 
-def create_layer(model_dir: Path, layer: int, bundles: np.ndarray, context: ts.Context) -> None:
-    """Write one layer's bundle matrix [n_neurons, bundle_width] as a single shard."""
+def create_layer(model_dir: Path, layer: int, bundles: np.ndarray, context: ts.Context,
+                 array: str | None = None) -> None:
+    """Write one layer's bundle matrix [n_neurons, bundle_width] as a single shard, one row
+    per inner chunk (or, with ``array``, any row matrix in that layout)."""
     n, width = bundles.shape
     store = ts.open(
-        _spec(model_dir, layer), create=True, context=context,
+        array_spec(model_dir, layer, array), create=True, context=context,
         dtype=ts.dtype(bundles.dtype.name), shape=[n, width],
         chunk_layout=ts.ChunkLayout(read_chunk_shape=[1, width], write_chunk_shape=[n, width]),
     ).result()
@@ -58,7 +67,7 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
 
 def open_layer(model_dir: Path, layer: int, context: ts.Context | None = None) -> ts.TensorStore:
     try:
-        return ts.open(_spec(model_dir, layer), open=True, read=True,
+        return ts.open(array_spec(model_dir, layer), open=True, read=True,
                        context=context or ts.Context()).result()
     except Exception as e:  # TensorStore raises ValueError/RuntimeError subclasses
         raise StoreError(f"{Path(model_dir) / FFN_DIR / layer_key(layer)}: cannot open the "
@@ -90,6 +99,24 @@ def check_rows(rows: np.ndarray, ids: np.ndarray, expected: np.ndarray, *, where
         raise StoreError(f"{where}: crc32 mismatch in {bad.size} row(s) (neurons {shown}"
                          f"{', ...' if bad.size > 8 else ''}); the flash store is corrupt, "
                          f"reconvert the model")
+
+
+def write_split(model_dir: Path) -> None:
+    """Write the FFN a second time unbundled, up-projection columns and down-projection rows in
+    separate arrays (each one row per chunk, one shard per layer), unless already there: the
+    layout that row-column bundling is measured against."""
+    model_dir = Path(model_dir)
+    if (model_dir / SPLIT_DIR / "complete").exists():
+        return
+    context = write_context()
+    layer = 0
+    while (model_dir / FFN_DIR / layer_key(layer)).exists():
+        rows = read_layer(model_dir, layer)
+        d = rows.shape[1] // 2
+        for array, part in zip(split_arrays(layer), (rows[:, :d], rows[:, d:])):
+            create_layer(model_dir, layer, np.ascontiguousarray(part), context, array)
+        layer += 1
+    (model_dir / SPLIT_DIR / "complete").touch()
 
 
 def read_layer(model_dir: Path, layer: int, checksums: np.ndarray | None = None,

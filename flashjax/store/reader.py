@@ -34,7 +34,8 @@ class FlashReader:
     """Reads bundle rows of any layer into ``staging`` [max_rows, bundle_width]."""
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, max_rows: int, *,
-                 direct_io: bool = True, concurrency: int = 32, verify: bool = False):
+                 direct_io: bool = True, concurrency: int = 32, verify: bool = False,
+                 bundled: bool = True):
         cfg = manifest.config
         self.model_dir = Path(model_dir)
         self.row_bytes = manifest.row_bytes
@@ -50,15 +51,19 @@ class FlashReader:
         if direct_io:
             context["file_io_mode"] = {"mode": "direct"}
         self.context = ts.Context(context)
-        self.stores = [self._open(layer) for layer in range(cfg.num_hidden_layers)]
+        self.bundled = bundled
+        self.d_model = cfg.hidden_size
+        if bundled:  # one read of 2 x d_model values per neuron
+            self.stores = [[self._open(layer)] for layer in range(cfg.num_hidden_layers)]
+        else:  # two reads of d_model values per neuron (see bundles.write_split)
+            self.stores = [[self._open(layer, a) for a in bundles.split_arrays(layer)]
+                           for layer in range(cfg.num_hidden_layers)]
         self.checksums = bundles.load_checksums(model_dir) if verify else None
         self.staging = np.zeros((max_rows, cfg.bundle_width), NP_DTYPES[manifest.dtype])
         self._staging_ts = ts.array(self.staging, copy=False, write=True)
 
-    def _open(self, layer: int) -> ts.TensorStore:
-        spec = {"driver": "zarr3",
-                "kvstore": {"driver": "file",
-                            "path": str(self.model_dir / bundles.FFN_DIR / bundles.layer_key(layer))},
+    def _open(self, layer: int, array: str | None = None) -> ts.TensorStore:
+        spec = {**bundles.array_spec(self.model_dir, layer, array),
                 "metadata_cache_pool": "cache_pool#meta",
                 "recheck_cached_data": "open"}
         try:
@@ -75,21 +80,26 @@ class FlashReader:
         """Read rows ``ids`` (sorted ascending int array, or a slice) of ``layer`` into the
         start of the staging buffer; returns that view. The view is overwritten by the next
         read: consume it (copy to the device) first."""
-        store = self.stores[layer]
-        if isinstance(ids, slice):
-            count = len(range(*ids.indices(store.shape[0])))
-        else:
-            count = len(ids)
+        stores = self.stores[layer]
+        n = stores[0].shape[0]
+        count = len(range(*ids.indices(n))) if isinstance(ids, slice) else len(ids)
         if count == 0:
             return self.staging[:0]
         try:
-            self._staging_ts[0:count].write(store[ids]).result()
+            if self.bundled:
+                self._staging_ts[0:count].write(stores[0][ids]).result()
+            else:
+                d = self.d_model
+                parts = [self._staging_ts[0:count, 0:d].write(stores[0][ids]),
+                         self._staging_ts[0:count, d:2 * d].write(stores[1][ids])]
+                for part in parts:
+                    part.result()
         except Exception as e:
             raise bundles.StoreError(f"{self.model_dir}/{bundles.FFN_DIR}/{bundles.layer_key(layer)}:"
                                      f" reading {count} bundle rows failed ({e})") from None
         rows = self.staging[:count]
         if self.checksums is not None:
-            ids_arr = np.arange(store.shape[0])[ids] if isinstance(ids, slice) else ids
+            ids_arr = np.arange(n)[ids] if isinstance(ids, slice) else ids
             bundles.check_rows(rows, ids_arr, self.checksums[layer],
                                where=f"{self.model_dir}/ffn/{bundles.layer_key(layer)}")
         return rows

@@ -1,6 +1,6 @@
 """Build an offline English-prose corpus from Debian documentation packages.
 
-Downloads permissively licensed HTML documentation packages with
+Downloads HTML documentation packages (by default only the permissively licensed ones) with
 ``apt-get download`` (the only network access), unpacks them with
 ``dpkg-deb -x``, converts each HTML page to plain text with the stdlib
 ``html.parser`` (navigation, sidebars, headers, footers, search boxes and
@@ -35,10 +35,12 @@ PACKAGES = {
     "python3.11-doc": ("PSF-2.0", r"^usr/share/doc/python3\.11/html/"),
     "python-django-doc": ("BSD-3-Clause", r"^usr/share/doc/python-django-doc/html/"),
     "python-sqlalchemy-doc": ("MIT (Expat)", r"^usr/share/doc/python-sqlalchemy-doc/html/"),
+    # copyleft: not used unless asked for with --packages
     "git-doc": ("GPL-2.0", r"^usr/share/doc/git-doc/"),
     "debian-handbook": ("GPL-2.0+ or CC-BY-SA-3.0",
                         r"^usr/share/doc/debian-handbook/html/en-US/"),
 }
+PERMISSIVE = ("python3.11-doc", "python-django-doc", "python-sqlalchemy-doc")
 SKIP_TAGS = {"script", "style", "nav", "header", "footer", "form", "aside", "svg",
              "head", "title", "noscript", "button", "select", "iframe"}
 SKIP_CLASSES = {  # Sphinx, Django, SQLAlchemy, DocBook and asciidoc chrome
@@ -178,7 +180,7 @@ def list_pages(root, include):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="data/corpus")
-    ap.add_argument("--packages", nargs="+", default=list(PACKAGES), choices=list(PACKAGES))
+    ap.add_argument("--packages", nargs="+", default=list(PERMISSIVE), choices=list(PACKAGES))
     ap.add_argument("--heldout-pct", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0, help="salt of the split hash")
     args = ap.parse_args()

@@ -1,7 +1,8 @@
 """End-to-end recipe for activation predictors: collect -> train -> evaluate.
 
     python scripts/predictor_recipe.py MODEL_DIR --train-text TRAIN --heldout-text HELDOUT \
-        [--tokens 100000] [--rank R] [--steps 2000] [--dram-budget 50%] [--window 4]
+        [--tokens 100000] [--rank R] [--steps 2000] [--target-recall 0.99]
+        [--dram-budget 50%] [--window 4]
 
 MODEL_DIR is a converted flashjax model with a tokenizer. The three steps are the same as
 `flashjax collect`, `flashjax train-predictors` and `flashjax eval`; each is timed, and the
@@ -29,6 +30,8 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--rank", type=int)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--target-recall", type=float, default=0.99,
+                        help="recall each layer's threshold is set for on the validation split")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--dram-budget", default="50%")
     parser.add_argument("--window", type=int, default=4)
@@ -45,7 +48,7 @@ def main():
 
     t0 = time.perf_counter()
     summary = train_predictors(args.model_dir, data, rank=args.rank, steps=args.steps,
-                               overwrite=args.overwrite)
+                               target_recall=args.target_recall, overwrite=args.overwrite)
     times["train_s"] = time.perf_counter() - t0
     print(f"trained in {times['train_s']:.0f} s: held-out recall {summary['recall']:.4f}, "
           f"predicted {summary['predicted_active_fraction']:.4f} vs true "

@@ -41,6 +41,8 @@ def cmd_generate(args) -> int:
         args.dram_budget = args.dram_budget or "50%"
         if args.prompt is None and args.prompt_ids is None:
             args.prompt = "The Python interpreter"
+        if args.temperature is None:  # a 7M-parameter model loops when greedy: sample
+            args.temperature, args.top_p = 0.8, 0.9 if args.top_p is None else args.top_p
     if args.prompt is None and args.prompt_ids is None:
         raise SystemExit("error: give --prompt or --prompt-ids")
     flash = args.dram_budget is not None or args.predictor is not None
@@ -59,7 +61,8 @@ def cmd_generate(args) -> int:
         prompt = model.encode(args.prompt)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         temperature=args.temperature or 0.0, top_k=args.top_k,
+                         top_p=1.0 if args.top_p is None else args.top_p,
                          seed=args.seed, **({"return_stats": True} if flash else {}))
     new, stats = out if flash else (out, None)
     seconds = time.perf_counter() - t0
@@ -188,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model dir)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--temperature", type=float,
+                   help="0: greedy (the default, but for the shipped model: 0.8 with top-p 0.9)")
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--dram-budget", help="keep the FFN on flash within this DRAM budget: "

@@ -96,7 +96,8 @@ def latency_table(stats: dict) -> str:
         f"dropped {stats['rows_dropped']})",
         "storage bytes/token " + ("n/a" if storage is None else f"{storage / tokens / 1e6:.3f} MB"),
         f"DRAM peak {stats['peak_dram_bytes'] / 1e6:.1f} MB of budget "
-        f"{stats['dram_budget_bytes'] / 1e6:.1f} MB ({stats['capacity']} neurons/layer, "
+        f"{stats['dram_budget_bytes'] / 1e6:.1f} MB (buffer rows per layer "
+        f"{'/'.join(map(str, stats['capacities']))}, "
         f"predictor {stats['predictor']}, window {stats['window']})",
     ]
     return "\n".join(lines)

@@ -191,7 +191,8 @@ import flashjax, jax.numpy as jnp
 model_dir, budget = sys.argv[1], sys.argv[2]
 peak = 0
 if budget != "none":  # "none": the runtime alone (imports, a jitted op), as a baseline
-    model = flashjax.load(model_dir, dram_budget=float(budget), predictor=None, update_rows=64)
+    model = flashjax.load(model_dir, dram_budget=float(budget), predictor=None, update_rows=64,
+                          resident_dtype="float32")
     _, stats = model.generate([2, 11, 25, 37], 4, stop_at_eos=False, return_stats=True)
     assert stats["peak_dram_bytes"] <= stats["dram_budget_bytes"]
     peak = stats["peak_dram_bytes"]

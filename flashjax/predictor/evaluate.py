@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 import flashjax
 from flashjax.predictor.collect import ffn_activations
+from flashjax.predictor.model import predictor_logits
 from flashjax.predictor.text import sequences
 from flashjax.predictor.train import layer_metrics
 
@@ -50,7 +51,7 @@ def evaluate(model_dir, text, *, dram_budget="50%", window: int = 4, tokens: int
         ins, bits = np.asarray(ins), np.asarray(bits)
         for layer, params in enumerate(flash.predictors.params):
             x = jnp.asarray(ins[layer, 0].astype(np.float32))  # [S, D], one token each
-            logits_per_layer[layer].append(_per_token_logits(params, x))
+            logits_per_layer[layer].append(np.asarray(predictor_logits(params, x)))
             labels_per_layer[layer].append(np.unpackbits(bits[layer, 0], axis=-1,
                                                          count=cfg.ffn_dim,
                                                          bitorder="little").astype(bool))
@@ -84,8 +85,3 @@ def evaluate(model_dir, text, *, dram_budget="50%", window: int = 4, tokens: int
         "window": window,
     }
 
-
-def _per_token_logits(params, x):
-    """Predictor logits [S, N] for FFN inputs x [S, D]."""
-    a, b, bias = params["A"]["kernel"], params["B"]["kernel"], params["B"]["bias"]
-    return np.asarray((x @ a) @ b + bias, np.float32)

@@ -40,12 +40,18 @@ class LowRankPredictor(nn.Module):
 
 
 @jax.jit
+def predictor_logits(params, x):
+    """The predictor of ``params`` (any rank) on x [..., D] -> logits [..., N], computed in
+    x's dtype whatever dtype the parameters are held in."""
+    module = LowRankPredictor(rank=params["A"]["kernel"].shape[1],
+                              n_neurons=params["B"]["kernel"].shape[1])
+    return module.apply({"params": jax.tree.map(lambda p: p.astype(x.dtype), params)}, x)
+
+
+@jax.jit
 def predict_scores(params, x, token_valid):
     """Max logit over the batch's real tokens: x [B, S, D], token_valid [B] -> [N]."""
-    a, b, bias = params["A"]["kernel"], params["B"]["kernel"], params["B"]["bias"]
-    # [B, S, N]
-    logits = jnp.einsum("bsr,rn->bsn", jnp.einsum("bsd,dr->bsr", x, a.astype(x.dtype)),
-                        b.astype(x.dtype)) + bias
+    logits = predictor_logits(params, x)  # [B, S, N]
     return jnp.where(token_valid[:, None, None], logits, -jnp.inf).max(axis=(0, 1))
 
 

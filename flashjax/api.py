@@ -112,9 +112,10 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
 
 
 def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors):
-    """Hold resident weights (and predictors) in the compute dtype, unless that leaves fewer
-    than a quarter of each layer's neurons room while the narrower storage dtype would
-    leave more (they are widened inside each jitted step then)."""
+    """Hold resident weights (and predictors) in the compute dtype, which is fastest, when the
+    budget then still gives every layer room for twice its predicted-active rows (a window
+    beyond the current token); otherwise in the narrower storage dtype (they are widened
+    inside each jitted step then), which leaves more room for neurons."""
     storage = jnp.dtype(NP_DTYPES[manifest.dtype])
     if options.resident_dtype is not None:
         candidates = [jnp.dtype(options.resident_dtype)]
@@ -122,8 +123,10 @@ def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, pred
         candidates = [dtype, storage]
     else:
         candidates = [dtype]
+    n = manifest.config.ffn_dim
     elements = sum(x.size for x in jax.tree.leaves(predictors.params)) if predictors else 0
     weights = predictors.layer_weights() if predictors else None
+    wanted = [min(n, int(2 * w * n)) for w in weights] if weights else None
     for i, candidate in enumerate(candidates):
         last = i == len(candidates) - 1
         resident = manifest.dram_bytes // storage.itemsize * candidate.itemsize
@@ -134,7 +137,7 @@ def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, pred
             if last:
                 raise
             continue
-        if last or min(plan.capacities) >= manifest.config.ffn_dim // 4:
+        if last or wanted is None or all(c >= w for c, w in zip(plan.capacities, wanted)):
             return candidate, plan
     raise AssertionError("unreachable")
 

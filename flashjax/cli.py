@@ -80,6 +80,12 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _rows_per_layer(capacities: list[int]) -> str:
+    if len(set(capacities)) == 1:
+        return f"{capacities[0]} x {len(capacities)}"
+    return "/".join(map(str, capacities))
+
+
 def latency_table(stats: dict) -> str:
     """A short per-token latency breakdown and the byte counts of a flash generation."""
     total = stats["median_total_s"] or float("nan")
@@ -97,7 +103,7 @@ def latency_table(stats: dict) -> str:
         "storage bytes/token " + ("n/a" if storage is None else f"{storage / tokens / 1e6:.3f} MB"),
         f"DRAM peak {stats['peak_dram_bytes'] / 1e6:.1f} MB of budget "
         f"{stats['dram_budget_bytes'] / 1e6:.1f} MB (buffer rows per layer "
-        f"{'/'.join(map(str, stats['capacities']))}, "
+        f"{_rows_per_layer(stats['capacities'])}, "
         f"predictor {stats['predictor']}, window {stats['window']})",
     ]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Write a randomly initialised OPT checkpoint in Hugging Face's layout (numpy only).
 
     python scripts/make_random_opt.py OUT_DIR [--preset tiny|opt-125m|opt-350m|opt-1.3b]
+        [--shard-layers N] [--ffn-active 0.05]
 
 The weights are random: useful to try the pipeline and to measure conversion and I/O at real
 shapes, not to read the text it generates.
@@ -32,9 +33,11 @@ def main():
     parser.add_argument("--shard-layers", type=int, default=None,
                         help="write sharded safetensors of this many layers each")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ffn-active", type=float, default=None,
+                        help="shift fc1 biases so that about this fraction of neurons fires")
     args = parser.parse_args()
     synthetic_hf_checkpoint(args.out_dir, PRESETS[args.preset], seed=args.seed, dtype=args.dtype,
-                            shard_layers=args.shard_layers)
+                            shard_layers=args.shard_layers, ffn_active=args.ffn_active)
     print(f"wrote {args.out_dir} ({args.preset}, {args.dtype})")
 
 

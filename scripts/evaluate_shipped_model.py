@@ -25,14 +25,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import flashjax
-from flashjax.model.layers import KVCache
-from flashjax.model.opt import OPT
+from flashjax.predictor.collect import ffn_activations
 
 PROMPTS = ("The Python interpreter", "To create a new branch", "In Django, a model")
 
@@ -63,35 +61,16 @@ def windows(heldout: np.ndarray, seq_len: int) -> np.ndarray:
     return heldout[np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]].astype(np.int32)
 
 
-def _fc1_capture(module, method_name):
-    return isinstance(module, nn.Dense) and module.name == "fc1"
-
-
 def heldout_stats(cfg, params, wins: np.ndarray, batch: int) -> tuple[float, list[float]]:
     """(perplexity, per-layer mean fraction of active FFN neurons) over all windows."""
-
-    @jax.jit
-    def step(params, w):
-        tokens, targets = w[:, :-1], w[:, 1:]
-        b, s = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        (logits, _), state = OPT(cfg).apply(
-            {"params": params}, tokens, positions, tokens > -1, KVCache.init(cfg, b, s),
-            capture_intermediates=_fc1_capture, mutable=["intermediates"])
-        # [B, S]
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-        inter = state["intermediates"]
-        # per layer: [B, S, N] pre-activations -> active fraction summed over tokens
-        active = [(inter[f"layers_{i}"]["ffn"]["fc1"]["__call__"][0] > 0).mean(-1).sum()
-                  for i in range(cfg.num_hidden_layers)]
-        return nll.sum(), jnp.stack(active)
-
     total, active, count = 0.0, np.zeros(cfg.num_hidden_layers), 0
     for i in range(0, len(wins), batch):
-        w = jnp.asarray(wins[i:i + batch])
-        nll, act = step(params, w)
-        total += float(nll)
-        active += np.asarray(act, np.float64)
+        w = wins[i:i + batch]
+        _, bits, logits = ffn_activations(cfg, params, jnp.asarray(w[:, :-1]))
+        logp = jax.nn.log_softmax(logits)
+        total -= float(jnp.take_along_axis(logp, jnp.asarray(w[:, 1:, None]), -1).sum())
+        # bits [L, B, S, N/8]: active neurons per layer, summed over tokens
+        active += np.bitwise_count(np.asarray(bits)).sum(axis=(1, 2, 3)) / cfg.ffn_dim
         count += w.shape[0] * (w.shape[1] - 1)
     return math.exp(total / count), (active / count).tolist()
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import jax
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -173,7 +174,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
             for e in table:
                 if dram_group(e.path) == group:
                     _set(tree, e.path, np.ascontiguousarray(e.fn(ckpt.get(e.key)).astype(np_dtype)))
-            dram_bytes += sum(x.nbytes for x in _leaves(tree))
+            dram_bytes += sum(x.nbytes for x in jax.tree.leaves(tree))
             save_dram_group(tmp, group, tree)
             del tree
             if group != "top":
@@ -220,7 +221,3 @@ def save_dram_group(model_dir: Path, group: str, tree: dict) -> None:
     checkpointer.save((model_dir / DRAM_DIR / group).absolute(), tree)
     checkpointer.wait_until_finished()
 
-
-def _leaves(tree):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, dict) else [v])

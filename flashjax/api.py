@@ -30,8 +30,10 @@ def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int = 
     holds at most that many bytes: an int, "6GB", "512MiB", a fraction (0.5) or percentage
     ("50%") of the model's dense size in the compute dtype. ``predictor`` chooses the
     neurons each token reads: "oracle" (exact, from the full up-projection held outside the
-    budget: for testing and as an upper bound), "lowrank" (trained predictors), None (every
-    row, every token: the naive baseline); "auto" is "lowrank" when the model has predictors,
+    budget: for testing and as an upper bound), "lowrank" (trained predictors), "trace" (the
+    needed sets of an activity trace, ``trace=FILE``, with an untrained predictor of the same
+    shape run for its cost: benchmarks on synthetic stores), None (every row, every token: the
+    naive baseline); "auto" is "lowrank" when the model has predictors,
     else "oracle". ``window`` keeps neurons used by the last k tokens. Computation is in
     ``dtype`` (default float32 on CPU, the storage dtype on accelerators). Further keyword
     arguments set ``flashjax.engine.EngineOptions``.
@@ -158,8 +160,21 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
                                       max_context=min(cfg.max_position_embeddings, 256))
     budget = parse_budget(dram_budget if dram_budget is not None else 1.0,
                           dense_bytes(manifest, dtype))
-    predictors = None
-    if predictor == "lowrank":
+    predictors = trace = None
+    if predictor == "trace":
+        from flashjax.bench.activity import ActivityTrace
+        from flashjax.predictor.model import Predictors
+
+        if options.trace is None:
+            raise ValueError("predictor 'trace' needs trace=<activity trace file>")
+        trace = ActivityTrace.load(options.trace)
+        trace.meta["path"] = options.trace
+        trace.check_shape(cfg.num_hidden_layers, cfg.ffn_dim, str(path))
+        predictors = Predictors.random(cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers,
+                                       dtype=dtype)
+        predictors.metrics = {"layers": [{"predicted_active_fraction": f}
+                                         for f in trace.layer_fractions()]}
+    elif predictor == "lowrank":
         from flashjax.predictor.model import Predictors
 
         try:
@@ -185,5 +200,5 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
                          concurrency=options.reader_threads, verify=options.verify_reads,
                          bundled=options.bundled)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
-                      oracle=oracle, predictors=predictors,
+                      oracle=oracle, predictors=predictors, trace=trace,
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

@@ -154,6 +154,13 @@ def append_rows(buf: NeuronBuffer, slots, rows, bias) -> NeuronBuffer:
                         bias=buf.bias.at[slots].set(bias.astype(buf.bias.dtype), mode="drop"))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def update_rows(buf: NeuronBuffer, holes, movers, slots, rows, bias) -> NeuronBuffer:
+    """One token's whole change to a layer's buffer in one dispatch: ``move_rows`` then
+    ``append_rows`` (appended slots may be slots the moves emptied)."""
+    return append_rows.__wrapped__(move_rows.__wrapped__(buf, holes, movers), slots, rows, bias)
+
+
 def buckets(capacity: int, smallest: int = 8) -> list[int]:
     """Padded sizes for per-token index arrays: powers of two up to, and then, capacity."""
     sizes, s = [], smallest

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.budget import MemoryPlan
-from flashjax.cache import NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets, move_rows, pad
+from flashjax.cache import (NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets, move_rows,
+                            pad, update_rows)
 from flashjax.config import ModelConfig
 from flashjax.model.layers import DecoderLayer, KVCache
 from flashjax.model.opt import OPT
@@ -28,14 +29,15 @@ from flashjax.predictor.model import predict_scores
 from flashjax.runtime import Model
 from flashjax.store.reader import FlashReader, storage_read_bytes
 
-PREDICTORS = ("oracle", "lowrank", None)
+PREDICTORS = ("oracle", "lowrank", "trace", None)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
     """How a flash-backed model runs (everything jit does not specialise on)."""
 
-    predictor: str | None = "oracle"  # "oracle", "lowrank", or None: read every row
+    predictor: str | None = "oracle"  # "oracle", "lowrank", "trace", or None: every row
+    trace: str | None = None  # predictor "trace": an activity trace file (bench.activity)
     hybrid: bool = False  # predictor None: keep what fits resident, stream only the rest
     window: int = 4  # keep neurons needed by the last k tokens (the paper's OPT setting)
     direct_io: bool = True  # O_DIRECT reads: the page cache never serves the flash store
@@ -169,7 +171,7 @@ class FlashModel(Model):
 
     def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
                  options: EngineOptions, fc1_bias: list[np.ndarray], oracle=None,
-                 predictors=None, **kw):
+                 predictors=None, trace=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader = reader
         self._memory = plan
@@ -177,6 +179,7 @@ class FlashModel(Model):
         self.fc1_bias = fc1_bias  # host copies, per layer [N], to fill buffer bias slots
         self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
         self.predictors = predictors  # flashjax.predictor.model.Predictors, or None
+        self.trace = trace  # flashjax.bench.activity.ActivityTrace, or None
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
         self.buffers = [NeuronBuffer.init(c, cfg.hidden_size, self.dtype)
                         for c in plan.capacities]
@@ -198,8 +201,12 @@ class FlashModel(Model):
                 self.buffers[layer] = move_rows(self.buffers[layer], idx,
                                                 jnp.zeros((size,), jnp.int32))
                 rows = np.zeros((size, width), self.reader.staging.dtype)
-                self.buffers[layer] = append_rows(self.buffers[layer], idx, rows,
-                                                  np.zeros(size, self.fc1_bias[0].dtype))
+                bias = np.zeros(size, self.fc1_bias[0].dtype)
+                self.buffers[layer] = append_rows(self.buffers[layer], idx, rows, bias)
+                if self.options.predictor is not None:
+                    self.buffers[layer] = update_rows(self.buffers[layer], idx,
+                                                      jnp.zeros((size,), jnp.int32), idx, rows,
+                                                      bias)
 
     def reset(self) -> None:
         """Forget what is resident (buffers keep their memory) and start new statistics."""
@@ -241,6 +248,8 @@ class FlashModel(Model):
             scores = np.asarray(_oracle_scores(w_up, b_up, ffn_in, token_valid))
             return np.flatnonzero(scores > 0).astype(np.int32), scores
         scores = np.asarray(predict_scores(self.predictors.params[layer], ffn_in, token_valid))
+        if self.trace is not None:  # the predictor ran (its cost is real); the trace decides
+            return self.trace.needed(self.step_count, layer), scores
         return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
     def _append(self, layer: int, buf: NeuronBuffer, ids, slots: np.ndarray) -> NeuronBuffer:
@@ -268,6 +277,28 @@ class FlashModel(Model):
             stats.loaded(int(part.size))
         return buf
 
+    def _update(self, layer: int, buf: NeuronBuffer, plan) -> NeuronBuffer:
+        """Read ``plan.missing`` (at most ``update_rows``) and apply the plan's moves and
+        appends to ``buf`` in one donated dispatch."""
+        stats, capacity = self.stats, buf.up.shape[0]
+        if not plan.holes.size and not plan.missing.size:
+            return buf
+        t0 = time.perf_counter()
+        if plan.missing.size:
+            self.reader.read(layer, plan.missing)
+        t1 = time.perf_counter()
+        stats.add("io", t1 - t0)
+        size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
+        bias = np.zeros(size, self.fc1_bias[layer].dtype)
+        bias[:plan.missing.size] = self.fc1_bias[layer][plan.missing]
+        buf = update_rows(buf, pad(plan.holes, size, capacity), pad(plan.movers, size, 0),
+                          pad(plan.append_slots, size, capacity), self.reader.staging[:size],
+                          bias)
+        jax.block_until_ready(buf)  # the staging buffer is rewritten by the next read
+        stats.add("memory", time.perf_counter() - t1)
+        stats.loaded(int(plan.missing.size))
+        return buf
+
     def _cached_layer(self, layer: int, ffn_in, token_valid):
         stats, chunk = self.stats, self._memory.update_rows
         t0 = time.perf_counter()
@@ -276,13 +307,18 @@ class FlashModel(Model):
         stats.add("predictor", t1 - t0)
         plan = self.caches[layer].plan(needed, self.step_count, self.options.window, scores)
         buf = self.buffers[layer]
-        for start in range(0, plan.holes.size, chunk):
-            holes = plan.holes[start:start + chunk]
-            size = bucket_for(holes.size, self.sizes)
-            buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
-                            pad(plan.movers[start:start + chunk], size, 0))
-        stats.add("memory", time.perf_counter() - t1)
-        buf = self._append(layer, buf, plan.missing, plan.append_slots)
+        if plan.holes.size <= chunk and plan.missing.size <= chunk:
+            # the common case: the read, then one dispatch for the moves and appends
+            stats.add("memory", time.perf_counter() - t1)
+            buf = self._update(layer, buf, plan)
+        else:
+            for start in range(0, plan.holes.size, chunk):
+                holes = plan.holes[start:start + chunk]
+                size = bucket_for(holes.size, self.sizes)
+                buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
+                                pad(plan.movers[start:start + chunk], size, 0))
+            stats.add("memory", time.perf_counter() - t1)
+            buf = self._append(layer, buf, plan.missing, plan.append_slots)
         self.buffers[layer] = buf
         stats.rows_evicted += int(plan.evicted.size)
         stats.rows_dropped += plan.dropped

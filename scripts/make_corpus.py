@@ -35,12 +35,14 @@ PACKAGES = {
     "python3.11-doc": ("PSF-2.0", r"^usr/share/doc/python3\.11/html/"),
     "python-django-doc": ("BSD-3-Clause", r"^usr/share/doc/python-django-doc/html/"),
     "python-sqlalchemy-doc": ("MIT (Expat)", r"^usr/share/doc/python-sqlalchemy-doc/html/"),
+    "postgresql-doc-15": ("PostgreSQL", r"^usr/share/doc/postgresql-doc-15/html/"),
     # copyleft: not used unless asked for with --packages
     "git-doc": ("GPL-2.0", r"^usr/share/doc/git-doc/"),
     "debian-handbook": ("GPL-2.0+ or CC-BY-SA-3.0",
                         r"^usr/share/doc/debian-handbook/html/en-US/"),
 }
-PERMISSIVE = ("python3.11-doc", "python-django-doc", "python-sqlalchemy-doc")
+PERMISSIVE = ("python3.11-doc", "python-django-doc", "python-sqlalchemy-doc",
+              "postgresql-doc-15")
 SKIP_TAGS = {"script", "style", "nav", "header", "footer", "form", "aside", "svg",
              "head", "title", "noscript", "button", "select", "iframe"}
 SKIP_CLASSES = {  # Sphinx, Django, SQLAlchemy, DocBook and asciidoc chrome

@@ -1,6 +1,6 @@
 """Write a randomly initialised OPT checkpoint in Hugging Face's layout (numpy only).
 
-    python scripts/make_random_opt.py OUT_DIR [--preset tiny|opt-125m|opt-350m|opt-1.3b]
+    python scripts/make_random_opt.py OUT_DIR [--preset tiny|opt-125m|opt-350m|opt-1.3b|opt-6.7b]
         [--shard-layers N] [--ffn-active 0.05]
 
 The weights are random: useful to try the pipeline and to measure conversion and I/O at real
@@ -21,6 +21,9 @@ PRESETS = {
                                 max_position_embeddings=2048, do_layer_norm_before=False),
     "opt-1.3b": tiny_opt_config(vocab_size=50272, hidden_size=2048, num_hidden_layers=24,
                                 ffn_dim=8192, num_attention_heads=32, word_embed_proj_dim=2048,
+                                max_position_embeddings=2048),
+    "opt-6.7b": tiny_opt_config(vocab_size=50272, hidden_size=4096, num_hidden_layers=32,
+                                ffn_dim=16384, num_attention_heads=32, word_embed_proj_dim=4096,
                                 max_position_embeddings=2048),
 }
 

@@ -70,6 +70,18 @@ class Predictors:
             return None
         return [m["predicted_active_fraction"] for m in layers]
 
+    @classmethod
+    def random(cls, d_model: int, n_neurons: int, n_layers: int, rank: int | None = None,
+               seed: int = 0, dtype=jnp.float32) -> Predictors:
+        """Untrained predictors of the given shape: their cost is real, their output is not
+        (for benchmarks whose needed sets come from elsewhere, e.g. an activity trace)."""
+        module = LowRankPredictor(rank=rank or default_rank(d_model), n_neurons=n_neurons)
+        keys = jax.random.split(jax.random.key(seed), n_layers)
+        x = jnp.zeros((1, d_model), dtype)
+        params = [jax.tree.map(lambda a: a.astype(dtype), module.init(k, x)["params"])
+                  for k in keys]
+        return cls(params=params, thresholds=[0.0] * n_layers, metrics={})
+
     @property
     def nbytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.params))

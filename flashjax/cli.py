@@ -12,7 +12,7 @@ def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-ids must be comma-separated integers, "
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, "
                                          f"got {text!r}") from None
 
 
@@ -170,7 +170,9 @@ def cmd_bench(args) -> int:
     from flashjax.bench.run import bench, format_table, plot, save_json
 
     result = bench(args.model_dir, dram_budget=args.dram_budget, tokens=args.tokens,
-                   window=args.window, device=not args.no_device_limit)
+                   window=args.window, device=not args.no_device_limit,
+                   windows=args.windows, trace=args.trace, prompt_tokens=args.prompt_tokens,
+                   device_seconds=args.device_seconds)
     print(format_table(result))
     if args.json:
         save_json(result, args.json)
@@ -254,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="write PNG plots into this directory")
     p.add_argument("--no-device-limit", action="store_true",
                    help="skip the storage random-read sweep (it writes a 1 GiB scratch file)")
+    p.add_argument("--device-seconds", type=float, default=0.5,
+                   help="seconds per point of the device sweep")
+    p.add_argument("--windows", type=_parse_ids, default=[1, 2, 4, 8],
+                   help="window sizes of the rows-vs-window sweep (comma-separated)")
+    p.add_argument("--trace", help="drive the predictor configurations with this activity "
+                   "trace (synthetic stores; see scripts/make_activity_trace.py)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="prompt length in tokens (default: a fixed text, or 10 ids)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")

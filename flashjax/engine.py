@@ -121,6 +121,7 @@ class Stats:
         self.rows_needed = 0
         self.per_token: dict[str, list[float]] = {p: [] for p in self.PHASES}
         self.rows_loaded_per_token: list[int] = []
+        self.rows_per_read: list[int] = []  # rows of each reader call (its concurrency)
         self._storage0 = storage_read_bytes()
         self._current = dict.fromkeys(self.PHASES, 0.0)
         self._loaded_now = 0
@@ -159,6 +160,7 @@ class Stats:
             "rows_needed": self.rows_needed,
             "tokens": self.tokens,
             "rows_loaded_per_token": self.rows_loaded_per_token,
+            "rows_per_read": self.rows_per_read,
             "per_token": {**per_token, "total_s": totals},
             **medians,
             "median_total_s": float(np.median(totals)) if totals else 0.0,
@@ -263,6 +265,7 @@ class FlashModel(Model):
             t0 = time.perf_counter()
             self.reader.read(layer, slice(int(part[0]), int(part[-1]) + 1)
                              if isinstance(ids, slice) else part)
+            stats.rows_per_read.append(int(part.size))
             t1 = time.perf_counter()
             stats.add("io", t1 - t0)
             size = bucket_for(part.size, self.sizes)
@@ -286,6 +289,7 @@ class FlashModel(Model):
         t0 = time.perf_counter()
         if plan.missing.size:
             self.reader.read(layer, plan.missing)
+            stats.rows_per_read.append(int(plan.missing.size))
         t1 = time.perf_counter()
         stats.add("io", t1 - t0)
         size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)

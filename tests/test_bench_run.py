@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 import flashjax
 from flashjax.cli import main
 from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
@@ -38,3 +41,36 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     assert set(result["window_sweep"]) == {"1", "2", "4", "8"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"latency_breakdown.png",
                                                                  "window_rows.png"}
+
+
+def test_bench_with_an_activity_trace(tmp_path):
+    from flashjax.bench.activity import ActivityTrace
+    from flashjax.bench.run import bench
+
+    cfg = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
+    synthetic_hf_checkpoint(tmp_path / "hf", cfg)  # random weights: ~half the neurons fire
+    flashjax.convert(tmp_path / "hf", tmp_path / "fj", progress=False)
+    rng = np.random.default_rng(0)
+    active = rng.random((16, 2, 1024)) < 0.04
+    trace = ActivityTrace(active).save(tmp_path / "t.npz")
+    result = bench(tmp_path / "fj", dram_budget="90%", tokens=5, windows=(1, 4), device=False,
+                   trace=str(trace), prompt_tokens=3, progress=False)
+    configs = result["configs"]
+    assert "oracle+window" not in configs
+    assert configs["predictor"]["options"] == {"predictor": "trace", "trace": str(trace),
+                                               "window": 1}
+    # the trace decides: about 4% of 2 x 1024 rows per token, not the random model's half
+    assert configs["predictor"]["rows_needed_per_token"] == pytest.approx(0.04 * 2048, rel=0.3)
+    assert result["window_sweep"]["1"] == configs["predictor"]["rows_loaded_per_token"]
+    assert configs["predictor"]["rows_per_read_median"] > 0
+
+
+def test_device_comparison_interpolates_size_and_concurrency():
+    from flashjax.bench.run import _device_gbps_at
+
+    limit = {"points": [{"chunk_bytes": c, "concurrency": n, "gb_s": c / 4096 * n / 100}
+                        for c in (4096, 16384) for n in (1, 4, 16)]}
+    assert _device_gbps_at(limit, 4096, 4) == pytest.approx(0.04)
+    assert _device_gbps_at(limit, 8192, 4) == pytest.approx(0.10)  # halfway in log2 size
+    assert _device_gbps_at(limit, 4096, 8) == pytest.approx(0.10)  # halfway in log2 threads
+    assert _device_gbps_at(limit, 1024, 64) == pytest.approx(0.16)  # clamped to the range

@@ -19,6 +19,7 @@ from flashjax.store.manifest import DTYPE_BYTES, Manifest
 
 log = logging.getLogger(__name__)
 MIN_CAPACITY = 32  # fewer resident rows per layer than this is not a useful configuration
+RESIDENT_MARGIN = 1.1  # compute-dtype resident weights need room for this x predicted rows
 
 
 def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int = 4,
@@ -114,10 +115,12 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
 
 
 def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors):
-    """Hold resident weights (and predictors) in the compute dtype, which is fastest, when the
-    budget then still gives every layer room for twice its predicted-active rows (a window
-    beyond the current token); otherwise in the narrower storage dtype (they are widened
-    inside each jitted step then), which leaves more room for neurons."""
+    """Hold resident weights (and predictors) in the compute dtype when the budget then still
+    gives every layer room for 1.1x its predicted-active rows (one token's set with a
+    margin); otherwise in the narrower storage dtype, widened inside each jitted step, which
+    leaves more room for neurons. The compute dtype wins whenever it fits: on CPU a matmul
+    over weights widened inside jit runs ~9x slower (notes in docs/BENCHMARKS.md), which at
+    OPT-6.7B shape costs seconds per token, far more than a longer window saves in reads."""
     storage = jnp.dtype(NP_DTYPES[manifest.dtype])
     if options.resident_dtype is not None:
         candidates = [jnp.dtype(options.resident_dtype)]
@@ -128,7 +131,7 @@ def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, pred
     n = manifest.config.ffn_dim
     elements = sum(x.size for x in jax.tree.leaves(predictors.params)) if predictors else 0
     weights = predictors.layer_weights() if predictors else None
-    wanted = [min(n, int(2 * w * n)) for w in weights] if weights else None
+    wanted = [min(n, int(RESIDENT_MARGIN * w * n)) for w in weights] if weights else None
     for i, candidate in enumerate(candidates):
         last = i == len(candidates) - 1
         resident = manifest.dram_bytes // storage.itemsize * candidate.itemsize

@@ -37,11 +37,14 @@ def main():
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--source", choices=("predictor", "true"), default="predictor")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-map", choices=("first-apart", "proportional"), default="first-apart",
+                   help="how source layers spread over the target's (flashjax.bench.activity)")
     args = p.parse_args()
 
     cfg = Manifest.read(args.target).config
     trace = record(args.source_model, args.text, tokens=args.tokens, source=args.source)
-    mapped = map_onto(trace, cfg.num_hidden_layers, cfg.ffn_dim, seed=args.seed)
+    mapped = map_onto(trace, cfg.num_hidden_layers, cfg.ffn_dim, seed=args.seed,
+                      how=args.layer_map)
     mapped.meta["target"] = str(args.target)
     out = mapped.save(args.out)
     report = {"source": statistics(trace.active), "mapped": statistics(mapped.active),

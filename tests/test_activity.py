@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import flashjax
-from flashjax.bench.activity import ActivityTrace, TraceError, map_onto, statistics
+from flashjax.bench.activity import ActivityTrace, TraceError, layer_map, map_onto, statistics
 from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
 
 CFG = tiny_opt_config(hidden_size=64, ffn_dim=512, num_hidden_layers=2)
@@ -39,7 +39,7 @@ def test_map_keeps_sparsity_and_overlap():
                                         for i, (active, stay) in
                                         enumerate([(0.3, 0.6), (0.05, 0.4), (0.1, 0.5)])],
                                        axis=1))
-    mapped = map_onto(src, n_layers=6, n_neurons=1024, seed=2)
+    mapped = map_onto(src, n_layers=6, n_neurons=1024, seed=2, how="proportional")
     assert mapped.shape == (400, 6, 1024)
     s, m = statistics(src.active), statistics(mapped.active)
     assert mapped.meta["layer_map"] == [0, 0, 1, 1, 2, 2]
@@ -55,6 +55,16 @@ def test_map_keeps_sparsity_and_overlap():
                 s["new_fraction"][k][source_layer], abs=0.01)
     # the two source layers really differ, so the check above can tell them apart
     assert abs(s["active_fraction"][0] - s["active_fraction"][1]) > 0.1
+
+
+def test_layer_maps():
+    # the first layer stays apart; the rest stretch over the remaining depth
+    assert layer_map(6, 32) == [0] + [1 + (i - 1) * 5 // 31 for i in range(1, 32)]
+    assert layer_map(6, 32).count(0) == 1 and layer_map(6, 32)[-1] == 5
+    assert layer_map(3, 6, "proportional") == [0, 0, 1, 1, 2, 2]
+    assert layer_map(3, 6) == [0, 1, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="layer_map must be"):
+        layer_map(3, 6, "other")
 
 
 def test_round_trip_and_errors(tmp_path):

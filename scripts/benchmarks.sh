@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Reproduce every figure in docs/BENCHMARKS.md.
+#
+#   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~45 GB free)
+#
+# 1. the storage's random-read limit (O_DIRECT, 4 KiB..1 MiB x 1..64 threads);
+# 2. the shipped model under a 50% budget (its cache dir is made on first use);
+# 3. synthetic OPT-1.3B and OPT-6.7B stores (float16, 2.6 GB and 13 GB), driven by an
+#    activity trace of the shipped model's predictors mapped onto their shapes.
+# Heavy steps run one after another: run nothing else meanwhile, the timings are CPU-bound.
+set -euo pipefail
+WORK=${1:-data/bench-work}
+OUT=docs/bench
+mkdir -p "$WORK" "$OUT"
+SHIPPED=$(python -c "from flashjax.shipped import default_model_dir; print(default_model_dir())")
+HELDOUT=${HELDOUT:-data/corpus/heldout.txt}  # the held-out split of scripts/make_corpus.py
+
+python scripts/device_limit.py "$WORK" --seconds 1.0 --json "$OUT/device_limit.json" \
+    --plot "$OUT/device_limit.png"
+
+flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --json "$OUT/shipped.json" \
+    --plots "$OUT/shipped"
+
+for preset in opt-1.3b opt-6.7b; do
+    dir="$WORK/$preset"
+    if [ ! -f "$dir/fj/manifest.json" ]; then
+        python scripts/make_random_opt.py "$dir/hf" --preset "$preset" --shard-layers 2
+        flashjax convert "$dir/hf" "$dir/fj"
+        rm -rf "$dir/hf"
+    fi
+    python scripts/make_activity_trace.py "$SHIPPED" --text "$HELDOUT" --for "$dir/fj" \
+        --out "$WORK/trace-$preset.npz" --tokens 256
+    cp "$WORK/trace-$preset.npz.json" "$OUT/trace-$preset.json"
+    flashjax bench "$dir/fj" --dram-budget 50% --trace "$WORK/trace-$preset.npz" \
+        --prompt-tokens 2 --tokens 8 --windows 1,4,8 --json "$OUT/$preset.json" \
+        --plots "$OUT/$preset"
+done

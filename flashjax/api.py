@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.budget import MemoryPlan, parse_budget, split_rows
+from flashjax.cache import slack_rows
 from flashjax.runtime import Model, default_compute_dtype
 from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
@@ -95,7 +96,9 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     # per row of capacity, in every layer: up + down rows and bias, slot id and last use
     layer_row = (2 * d + 1) * item + 4 + 8
     per_row = layers * layer_row
-    fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace
+    slack = slack_rows(rows)  # each buffer's extra rows for padded contiguous writes
+    slack_bytes = layers * slack * (2 * d + 1) * item
+    fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace + slack_bytes
     capacities = split_rows(max(0, budget - fixed) // layer_row, weights or [1.0] * layers, n)
     need = min(n, MIN_CAPACITY)
     if min(capacities) < need:
@@ -106,12 +109,13 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             f" + KV cache {kv:,} (max_batch {options.max_batch} x max_context "
             f"{options.max_context}) + predictors {predictors:,} + index {index_fixed:,} + "
             f"staging and workspace "
-            f"{staging + workspace:,} + neuron buffers {need * per_row:,}")
+            f"{staging + workspace:,} + neuron buffers {need * per_row + slack_bytes:,}")
     return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
                       staging=staging, workspace=workspace,
                       index=index_fixed + sum(capacities) * 12,
-                      buffers=sum(capacities) * (2 * d + 1) * item,
-                      capacities=tuple(capacities), update_rows=int(min(rows, min(capacities))))
+                      buffers=sum(capacities) * (2 * d + 1) * item + slack_bytes,
+                      capacities=tuple(capacities), update_rows=int(min(rows, min(capacities))),
+                      slack_rows=slack)
 
 
 def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors):

@@ -58,6 +58,7 @@ class MemoryPlan:
     buffers: int  # per-layer neuron buffers at full capacity
     capacities: tuple[int, ...]  # rows of each layer's buffer
     update_rows: int  # most rows read or written in one update
+    slack_rows: int = 0  # rows past each buffer's capacity that padded writes may touch
 
     @property
     def capacity(self) -> int:

@@ -146,28 +146,47 @@ def move_rows(buf: NeuronBuffer, holes, movers) -> NeuronBuffer:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def append_rows(buf: NeuronBuffer, slots, rows, bias) -> NeuronBuffer:
-    """buf[slots] = bundle rows [A, 2D] split into up and down halves, cast to the buffer dtype."""
+def append_rows(buf: NeuronBuffer, start, rows, bias) -> NeuronBuffer:
+    """buf[start:start + A] = bundle rows [A, 2D] split into up and down halves, cast to the
+    buffer dtype: one contiguous write (appended slots are always a run at the end of the live
+    rows). Rows past those that matter land in slots beyond the live ones, which are stale
+    anyway; the buffer's ``slack_rows`` keep such a padded write inside it."""
     d = buf.up.shape[1]
-    return NeuronBuffer(up=buf.up.at[slots].set(rows[:, :d].astype(buf.up.dtype), mode="drop"),
-                        down=buf.down.at[slots].set(rows[:, d:].astype(buf.down.dtype), mode="drop"),
-                        bias=buf.bias.at[slots].set(bias.astype(buf.bias.dtype), mode="drop"))
+    return NeuronBuffer(
+        up=jax.lax.dynamic_update_slice_in_dim(buf.up, rows[:, :d].astype(buf.up.dtype), start, 0),
+        down=jax.lax.dynamic_update_slice_in_dim(buf.down, rows[:, d:].astype(buf.down.dtype),
+                                                 start, 0),
+        bias=jax.lax.dynamic_update_slice_in_dim(buf.bias, bias.astype(buf.bias.dtype), start, 0))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def update_rows(buf: NeuronBuffer, holes, movers, slots, rows, bias) -> NeuronBuffer:
+def update_rows(buf: NeuronBuffer, holes, movers, start, rows, bias) -> NeuronBuffer:
     """One token's whole change to a layer's buffer in one dispatch: ``move_rows`` then
     ``append_rows`` (appended slots may be slots the moves emptied)."""
-    return append_rows.__wrapped__(move_rows.__wrapped__(buf, holes, movers), slots, rows, bias)
+    return append_rows.__wrapped__(move_rows.__wrapped__(buf, holes, movers), start, rows, bias)
+
+
+ROW_STEP = 128  # padded sizes grow by this much beyond it
 
 
 def buckets(capacity: int, smallest: int = 8) -> list[int]:
-    """Padded sizes for per-token index arrays: powers of two up to, and then, capacity."""
+    """Padded sizes for per-token row counts: powers of two up to ``ROW_STEP``, then multiples
+    of it, up to and then ``capacity``. A count is padded by less than ``slack_rows``."""
     sizes, s = [], smallest
-    while s < capacity:
+    while s < min(capacity, ROW_STEP):
         sizes.append(s)
         s *= 2
-    return sizes + [capacity]
+    s = ROW_STEP
+    while s < capacity:
+        sizes.append(s)
+        s += ROW_STEP
+    return sorted(set(sizes)) + [capacity]
+
+
+def slack_rows(update_rows: int) -> int:
+    """Rows past a buffer's capacity that padded writes of at most ``update_rows`` rows can
+    touch (a bound on ``bucket_for(c) - c`` over the sizes of ``buckets(update_rows)``)."""
+    return max(0, min(ROW_STEP, update_rows) - 1)
 
 
 def bucket_for(count: int, sizes: list[int]) -> int:

@@ -183,7 +183,7 @@ class FlashModel(Model):
         self.predictors = predictors  # flashjax.predictor.model.Predictors, or None
         self.trace = trace  # flashjax.bench.activity.ActivityTrace, or None
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
-        self.buffers = [NeuronBuffer.init(c, cfg.hidden_size, self.dtype)
+        self.buffers = [NeuronBuffer.init(c + plan.slack_rows, cfg.hidden_size, self.dtype)
                         for c in plan.capacities]
         self.sizes = buckets(plan.update_rows)
         self.reset()
@@ -197,18 +197,19 @@ class FlashModel(Model):
         """Compile the row-update kernels for every padded size now, not while generating."""
         width = self.cfg.bundle_width
         first_of = {c: self._memory.capacities.index(c) for c in set(self._memory.capacities)}
-        for capacity, layer in first_of.items():
+        for layer in first_of.values():
+            buf = self.buffers[layer]
+            out_of_range = buf.up.shape[0]
             for size in self.sizes:
-                idx = jnp.full((size,), capacity, jnp.int32)  # all out of range: no writes
-                self.buffers[layer] = move_rows(self.buffers[layer], idx,
-                                                jnp.zeros((size,), jnp.int32))
+                idx = jnp.full((size,), out_of_range, jnp.int32)  # no moves
                 rows = np.zeros((size, width), self.reader.staging.dtype)
                 bias = np.zeros(size, self.fc1_bias[0].dtype)
-                self.buffers[layer] = append_rows(self.buffers[layer], idx, rows, bias)
+                buf = move_rows(buf, idx, jnp.zeros((size,), jnp.int32))
+                buf = append_rows(buf, np.int32(0), rows, bias)  # the buffer holds nothing yet
                 if self.options.predictor is not None:
-                    self.buffers[layer] = update_rows(self.buffers[layer], idx,
-                                                      jnp.zeros((size,), jnp.int32), idx, rows,
-                                                      bias)
+                    buf = update_rows(buf, idx, jnp.zeros((size,), jnp.int32), np.int32(0),
+                                      rows, bias)
+            self.buffers[layer] = buf
 
     def reset(self) -> None:
         """Forget what is resident (buffers keep their memory) and start new statistics."""
@@ -254,26 +255,27 @@ class FlashModel(Model):
             return self.trace.needed(self.step_count, layer), scores
         return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
-    def _append(self, layer: int, buf: NeuronBuffer, ids, slots: np.ndarray) -> NeuronBuffer:
-        """Read bundle rows ``ids`` (sorted array or slice) into ``slots`` of ``buf``, at most
-        ``update_rows`` at a time; returns the updated (donated) buffer."""
+    def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int) -> NeuronBuffer:
+        """Read bundle rows ``ids`` (sorted array or slice) into the slots from ``first_slot``
+        on, at most ``update_rows`` at a time; returns the updated (donated) buffer."""
         stats, chunk = self.stats, self._memory.update_rows
         all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if isinstance(ids, slice) \
             else ids
-        for start in range(0, slots.size, chunk):
+        for start in range(0, all_ids.size, chunk):
             part = all_ids[start:start + chunk]
             t0 = time.perf_counter()
-            self.reader.read(layer, slice(int(part[0]), int(part[-1]) + 1)
-                             if isinstance(ids, slice) else part)
+            if isinstance(ids, slice):  # a run of consecutive rows: one sequential read
+                self.reader.read_range(layer, int(part[0]), int(part[-1]) + 1)
+            else:
+                self.reader.read(layer, part)
             stats.rows_per_read.append(int(part.size))
             t1 = time.perf_counter()
             stats.add("io", t1 - t0)
             size = bucket_for(part.size, self.sizes)
             bias = np.zeros(size, self.fc1_bias[layer].dtype)
             bias[:part.size] = self.fc1_bias[layer][part]
-            # Rows past part.size are stale staging data; their padded slots are dropped.
-            buf = append_rows(buf, pad(slots[start:start + chunk], size, buf.up.shape[0]),
-                              self.reader.staging[:size], bias)
+            # Rows past part.size are stale staging data; they land in slots past the live ones.
+            buf = append_rows(buf, np.int32(first_slot + start), self.reader.staging[:size], bias)
             # The staging buffer is rewritten by the next read: finish using it first.
             jax.block_until_ready(buf)
             stats.add("memory", time.perf_counter() - t1)
@@ -295,9 +297,9 @@ class FlashModel(Model):
         size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
         bias = np.zeros(size, self.fc1_bias[layer].dtype)
         bias[:plan.missing.size] = self.fc1_bias[layer][plan.missing]
+        start = plan.append_slots[0] if plan.append_slots.size else self.caches[layer].n
         buf = update_rows(buf, pad(plan.holes, size, capacity), pad(plan.movers, size, 0),
-                          pad(plan.append_slots, size, capacity), self.reader.staging[:size],
-                          bias)
+                          np.int32(start), self.reader.staging[:size], bias)
         jax.block_until_ready(buf)  # the staging buffer is rewritten by the next read
         stats.add("memory", time.perf_counter() - t1)
         stats.loaded(int(plan.missing.size))
@@ -322,7 +324,8 @@ class FlashModel(Model):
                 buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
                                 pad(plan.movers[start:start + chunk], size, 0))
             stats.add("memory", time.perf_counter() - t1)
-            buf = self._append(layer, buf, plan.missing, plan.append_slots)
+            buf = self._append(layer, buf, plan.missing,
+                               int(plan.append_slots[0]) if plan.missing.size else 0)
         self.buffers[layer] = buf
         stats.rows_evicted += int(plan.evicted.size)
         stats.rows_dropped += plan.dropped
@@ -349,10 +352,8 @@ class FlashModel(Model):
         Naive reads all of them from flash each time; hybrid reads the pinned part once."""
         capacity, n = self._memory.capacities[layer], self.cfg.ffn_dim
         pinned = self.pinned_rows(layer)
-        slots = np.arange(capacity, dtype=np.int32)
         if pinned and not self._pinned_loaded[layer]:  # the pinned rows come in once
-            self.buffers[layer] = self._append(layer, self.buffers[layer], slice(0, pinned),
-                                               slots[:pinned])
+            self.buffers[layer] = self._append(layer, self.buffers[layer], slice(0, pinned), 0)
             self._pinned_loaded[layer] = True
         out = jnp.zeros_like(ffn_in)
         t0 = time.perf_counter()
@@ -363,8 +364,7 @@ class FlashModel(Model):
         chunk = capacity - pinned
         for start in range(pinned, n, chunk):
             count = min(chunk, n - start)
-            buf = self._append(layer, self.buffers[layer], slice(start, start + count),
-                               slots[pinned:pinned + count])
+            buf = self._append(layer, self.buffers[layer], slice(start, start + count), pinned)
             self.buffers[layer] = buf
             t0 = time.perf_counter()
             out = _ffn_part(buf, jnp.int32(pinned), jnp.int32(pinned + count), ffn_in, out)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import flashjax
 from flashjax.cache import (NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets,
-                            move_rows, pad)
+                            move_rows, pad, slack_rows, update_rows)
 from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 from flashjax.store.reader import FlashReader
@@ -72,25 +72,40 @@ def test_device_buffer_rows_equal_bundles_on_disk(tokens, capacity, window):
     disk = bundles.read_layer(path, 0).astype(np.float32)
     reader = FlashReader(path, manifest, max_rows=capacity, direct_io=False)
     sizes = buckets(capacity)
-    cache, buf = NeuronCache(N, capacity), NeuronBuffer.init(capacity, d)
+    # the engine's buffers: capacity rows plus the slack that padded contiguous writes touch
+    cache = NeuronCache(N, capacity)
+    buf = NeuronBuffer.init(capacity + slack_rows(capacity), d)
+    out = buf.up.shape[0]  # an out-of-range slot: padded moves are dropped
     bias_of = np.arange(N, dtype=np.float32)
     for t, needed in enumerate(tokens):
         plan = cache.plan(np.array(needed, np.int32), t, window)
-        if plan.holes.size:
-            size = bucket_for(plan.holes.size, sizes)
-            buf = move_rows(buf, pad(plan.holes, size, capacity), pad(plan.movers, size, 0))
+        start = np.int32(plan.append_slots[0] if plan.missing.size else cache.n)
         if plan.missing.size:
             reader.read(0, plan.missing)
-            size = bucket_for(plan.missing.size, sizes)
-            bias = np.zeros(size, np.float32)
-            bias[:plan.missing.size] = bias_of[plan.missing]
-            buf = append_rows(buf, pad(plan.append_slots, size, capacity),
+        size = bucket_for(max(plan.holes.size, plan.missing.size), sizes)
+        bias = np.zeros(size, np.float32)
+        bias[:plan.missing.size] = bias_of[plan.missing]
+        if t % 2:  # the engine's fused update
+            buf = update_rows(buf, pad(plan.holes, size, out), pad(plan.movers, size, 0), start,
                               reader.staging[:size], bias)
+        else:  # moves, then appends, as separate dispatches
+            buf = move_rows(buf, pad(plan.holes, size, out), pad(plan.movers, size, 0))
+            if plan.missing.size:
+                buf = append_rows(buf, start, reader.staging[:size], bias)
         cache.check()
         live = cache.resident
         np.testing.assert_array_equal(np.asarray(buf.up)[:cache.n], disk[live, :d])
         np.testing.assert_array_equal(np.asarray(buf.down)[:cache.n], disk[live, d:])
         np.testing.assert_array_equal(np.asarray(buf.bias)[:cache.n], bias_of[live])
+
+
+@pytest.mark.parametrize("update", [1, 7, 8, 100, 128, 129, 300, 1024, 1100])
+def test_padding_stays_within_the_slack(update):
+    sizes = buckets(update)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == update
+    pads = [bucket_for(c, sizes) - c for c in range(1, update + 1)]
+    assert max(pads) <= slack_rows(update)
+    assert len(sizes) <= 8 + update // 128  # a few compiled shapes
 
 
 def test_overflow_keeps_highest_scores():

@@ -1,0 +1,71 @@
+"""The reader's two paths (TensorStore row reads and sequential range reads) give the same rows."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import flashjax
+from flashjax.store import bundles
+from flashjax.store.manifest import Manifest
+from flashjax.store.reader import FlashReader, shard_row_offsets
+from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+
+# 64-wide float16 bundles: 256-byte rows, so most runs start inside a 4 KiB block
+CFG = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reader")
+    synthetic_hf_checkpoint(root / "hf", CFG, seed=2)
+    flashjax.convert(root / "hf", root / "fj", progress=False)
+    return root / "fj"
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_range_reads_equal_the_stored_rows(store, direct_io):
+    manifest = Manifest.read(store)
+    reader = FlashReader(store, manifest, max_rows=600, direct_io=direct_io, verify=True)
+    for layer in range(2):
+        disk = bundles.read_layer(store, layer)
+        for start, stop in [(0, 600), (1, 2), (3, 517), (16, 32), (424, 1024), (1023, 1024)]:
+            rows = reader.read_range(layer, start, stop)
+            np.testing.assert_array_equal(rows, disk[start:stop])
+            # and the TensorStore path agrees
+            np.testing.assert_array_equal(reader.read(layer, np.arange(start, stop)),
+                                          disk[start:stop])
+    reader.close()
+
+
+def test_offsets_come_from_the_shard_index(store):
+    manifest = Manifest.read(store)
+    array = store / bundles.FFN_DIR / bundles.layer_key(0)
+    offsets = shard_row_offsets(array, 1024, manifest.row_bytes)
+    assert offsets is not None and offsets[0] == 0
+    assert (np.diff(offsets) == manifest.row_bytes).all()
+    # any other layout (here: a row size that does not match the index) is refused
+    assert shard_row_offsets(array, 1024, manifest.row_bytes + 2) is None
+    meta = json.loads((array / "zarr.json").read_text())
+    meta["codecs"][0]["configuration"]["index_location"] = "start"
+    other = store.parent / "other"
+    (other / "c" / "0").mkdir(parents=True)
+    (other / "zarr.json").write_text(json.dumps(meta))
+    (other / "c" / "0" / "0").write_bytes((array / "c" / "0" / "0").read_bytes())
+    assert shard_row_offsets(other, 1024, manifest.row_bytes) is None
+
+
+def test_range_read_of_a_corrupt_row_is_caught(tmp_path):
+    synthetic_hf_checkpoint(tmp_path / "hf", CFG, seed=2)
+    flashjax.convert(tmp_path / "hf", tmp_path / "fj", progress=False)
+    manifest = Manifest.read(tmp_path / "fj")
+    shard = tmp_path / "fj" / bundles.FFN_DIR / bundles.layer_key(1) / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[700 * manifest.row_bytes + 5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    reader = FlashReader(tmp_path / "fj", manifest, max_rows=1024, verify=True)
+    reader.read_range(1, 0, 700)  # the rows before it are fine
+    with pytest.raises(bundles.StoreError, match=r"crc32 mismatch in 1 row\(s\) \(neurons 700\)"):
+        reader.read_range(1, 512, 1024)

@@ -1,6 +1,6 @@
 """Check and measure an exported checkpoint (by default the shipped one).
 
-    python scripts/evaluate_shipped_model.py checkpoints/flashjax-docs-7m
+    python scripts/evaluate_shipped_model.py checkpoints/flashjax-docs-9m
 
 1. transformers' ``OPTForCausalLM`` loads the directory; its float32 logits on a heldout window
    match flashjax's (the float16 file converted with ``flashjax.convert`` and run in float32):
@@ -77,7 +77,7 @@ def heldout_stats(cfg, params, wins: np.ndarray, batch: int) -> tuple[float, lis
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("hf_dir", nargs="?", default="checkpoints/flashjax-docs-7m")
+    p.add_argument("hf_dir", nargs="?", default="checkpoints/flashjax-docs-9m")
     p.add_argument("--heldout", default="data/corpus/heldout.u16.npy")
     p.add_argument("--unigram-stats", default="data/tokenizer/stats.json")
     p.add_argument("--seq-len", type=int, default=256)

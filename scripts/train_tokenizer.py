@@ -73,7 +73,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", default="data/corpus")
     ap.add_argument("--out", default="data/tokenizer")
-    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--vocab-size", type=int, default=4096)
     args = ap.parse_args()
     assert args.vocab_size <= 65536, "ids are stored as uint16"
     os.makedirs(args.out, exist_ok=True)

@@ -16,11 +16,12 @@ SHIPPED=$(python -c "from flashjax.shipped import default_model_dir; print(defau
 HELDOUT=${HELDOUT:-data/corpus/heldout.txt}  # the held-out split of scripts/make_corpus.py
 
 python scripts/device_limit.py "$WORK" --seconds 1.0 --json "$OUT/device_limit.json" \
-    --plot "$OUT/device_limit.png"
+    --plot "$OUT/device_limit.png" --mark-chunk 16384
 
 flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --json "$OUT/shipped.json" \
     --plots "$OUT/shipped"
 
+declare -A ARGS=([opt-1.3b]="--tokens 8 --windows 1,4,8" [opt-6.7b]="--tokens 6 --windows 1,4")
 for preset in opt-1.3b opt-6.7b; do
     dir="$WORK/$preset"
     if [ ! -f "$dir/fj/manifest.json" ]; then
@@ -32,6 +33,6 @@ for preset in opt-1.3b opt-6.7b; do
         --out "$WORK/trace-$preset.npz" --tokens 256
     cp "$WORK/trace-$preset.npz.json" "$OUT/trace-$preset.json"
     flashjax bench "$dir/fj" --dram-budget 50% --trace "$WORK/trace-$preset.npz" \
-        --prompt-tokens 2 --tokens 8 --windows 1,4,8 --json "$OUT/$preset.json" \
+        --prompt-tokens 2 ${ARGS[$preset]} --json "$OUT/$preset.json" \
         --plots "$OUT/$preset"
 done

@@ -32,7 +32,7 @@ import numpy as np
 import flashjax
 from flashjax.predictor.collect import ffn_activations
 
-PROMPTS = ("The Python interpreter", "To create a new branch", "In Django, a model")
+PROMPTS = ("The Python interpreter", "To create a new table", "In Django, a model")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

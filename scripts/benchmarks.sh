@@ -36,3 +36,4 @@ for preset in opt-1.3b opt-6.7b; do
         --prompt-tokens 2 ${ARGS[$preset]} --json "$OUT/$preset.json" \
         --plots "$OUT/$preset"
 done
+python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" > "$OUT/reader_overhead.txt"

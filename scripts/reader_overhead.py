@@ -1,0 +1,81 @@
+"""Where a row read's time goes: the engine's TensorStore batched read against bare preads.
+
+    python scripts/reader_overhead.py MODEL_DIR [--rows 8,32,128,512,1024] [--reps 30]
+
+For each batch size, reads that many random rows of random layers (sorted ids, as the engine
+asks for them) 1) with ``FlashReader.read`` (one TensorStore read per batch, O_DIRECT) and
+2) with ``os.preadv`` of each row's blocks on a 32-thread pool, straight from the shard file at
+the offsets its shard index gives. Both bypass the page cache; the storage bytes each read
+(``/proc/self/io``) are printed as a ratio to the rows' bytes. Medians over ``--reps``.
+"""
+
+import argparse
+import mmap
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from flashjax.store import bundles
+from flashjax.store.manifest import Manifest
+from flashjax.store.reader import ALIGN, FlashReader, shard_row_offsets, storage_read_bytes
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model_dir")
+    p.add_argument("--rows", default="8,32,128,512,1024")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=32)
+    args = p.parse_args()
+    sizes = [int(x) for x in args.rows.split(",")]
+    manifest = Manifest.read(args.model_dir)
+    cfg, rb = manifest.config, manifest.row_bytes
+    n, layers = cfg.ffn_dim, cfg.num_hidden_layers
+    reader = FlashReader(args.model_dir, manifest, max_rows=max(sizes), direct_io=True,
+                         concurrency=args.threads)
+    dirs = [os.path.join(args.model_dir, bundles.FFN_DIR, bundles.layer_key(i))
+            for i in range(layers)]
+    offsets = [shard_row_offsets(Path(d), n, rb) for d in dirs]
+    fds = [os.open(os.path.join(d, "c", "0", "0"), os.O_RDONLY | os.O_DIRECT) for d in dirs]
+    step = -(-rb // ALIGN) * ALIGN + ALIGN
+    buf = mmap.mmap(-1, max(sizes) * step)
+    view = memoryview(buf)
+    pool = ThreadPoolExecutor(args.threads)
+
+    def pread_rows(layer, ids):
+        def one(k):
+            off = int(offsets[layer][ids[k]])
+            lo = off - off % ALIGN
+            hi = -(-(off + rb) // ALIGN) * ALIGN
+            os.preadv(fds[layer], [view[k * step:k * step + hi - lo]], lo)
+        list(pool.map(one, range(len(ids))))
+
+    rng = np.random.default_rng(0)
+    print(f"{args.model_dir}: rows of {rb} B, {args.threads} threads, O_DIRECT")
+    print(f"{'rows':>6} {'tensorstore ms':>15} {'GB/s':>6} {'storage x':>9} "
+          f"{'preadv ms':>10} {'GB/s':>6} {'storage x':>9} {'ts/preadv':>10}")
+    for size in sizes:
+        res = {}
+        for name, fn in (("ts", lambda layer, ids: reader.read(layer, ids)),
+                         ("pread", pread_rows)):
+            times = []
+            s0 = storage_read_bytes()
+            for rep in range(args.reps):
+                layer = int(rng.integers(layers))
+                ids = np.sort(rng.choice(n, size, replace=False)).astype(np.int32)
+                t0 = time.perf_counter()
+                fn(layer, ids)
+                times.append(time.perf_counter() - t0)
+            storage = storage_read_bytes() - s0
+            med = float(np.median(times))
+            res[name] = (med * 1e3, size * rb / med / 1e9, storage / (args.reps * size * rb))
+        ts_, pr = res["ts"], res["pread"]
+        print(f"{size:>6} {ts_[0]:>15.2f} {ts_[1]:>6.3f} {ts_[2]:>9.2f} {pr[0]:>10.2f} "
+              f"{pr[1]:>6.3f} {pr[2]:>9.2f} {ts_[0] / pr[0]:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
                       slack_rows=slack)
 
 
-def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors):
+def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors,
+                           weights=None):
     """Hold resident weights (and predictors) in the compute dtype when the budget then still
     gives every layer room for 1.1x its predicted-active rows (one token's set with a
     margin); otherwise in the narrower storage dtype, widened inside each jitted step, which
@@ -134,7 +136,8 @@ def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, pred
         candidates = [dtype]
     n = manifest.config.ffn_dim
     elements = sum(x.size for x in jax.tree.leaves(predictors.params)) if predictors else 0
-    weights = predictors.layer_weights() if predictors else None
+    if predictors is not None:
+        weights = predictors.layer_weights()
     wanted = [min(n, int(RESIDENT_MARGIN * w * n)) for w in weights] if weights else None
     for i, candidate in enumerate(candidates):
         last = i == len(candidates) - 1
@@ -188,7 +191,17 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             predictors = Predictors.load(path, cfg.num_hidden_layers, dtype)
         except FileNotFoundError as e:
             raise ValueError(f"predictor 'lowrank': {e}; or use predictor='oracle'") from None
-    resident_dtype, plan = _choose_resident_dtype(manifest, dtype, budget, options, predictors)
+    weights = None
+    if predictor == "oracle":  # size the buffers as for the trained predictors, when known
+        from flashjax.predictor.model import METRICS_FILE, PREDICTORS_DIR
+
+        metrics = path / PREDICTORS_DIR / METRICS_FILE
+        if metrics.exists():
+            layers = json.loads(metrics.read_text()).get("layers") or []
+            if len(layers) == cfg.num_hidden_layers:
+                weights = [m["predicted_active_fraction"] for m in layers]
+    resident_dtype, plan = _choose_resident_dtype(manifest, dtype, budget, options, predictors,
+                                                  weights)
     params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, resident_dtype))
     if predictors is not None:
         predictors.params = jax.tree.map(lambda x: x.astype(resident_dtype), predictors.params)

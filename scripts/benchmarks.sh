@@ -3,10 +3,12 @@
 #
 #   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~45 GB free)
 #
-# 1. the storage's random-read limit (O_DIRECT, 4 KiB..1 MiB x 1..64 threads);
-# 2. the shipped model under a 50% budget (its cache dir is made on first use);
-# 3. synthetic OPT-1.3B and OPT-6.7B stores (float16, 2.6 GB and 13 GB), driven by an
-#    activity trace of the shipped model's predictors mapped onto their shapes.
+# 1. the shipped model under a 50% budget (its cache dir is made on first use);
+# 2. synthetic OPT-1.3B and OPT-6.7B stores (float16, 2.6 GB and 13 GB), driven by an
+#    activity trace of the shipped model's predictors mapped onto their shapes;
+# 3. the TensorStore row reads against bare preads.
+# Each bench also measures the storage's random-read limit (O_DIRECT, 4 KiB..1 MiB x 1..64
+# threads) in the same run; docs/bench/*/device_limit.png are those curves.
 # Heavy steps run one after another: run nothing else meanwhile, the timings are CPU-bound.
 set -euo pipefail
 WORK=${1:-data/bench-work}
@@ -14,9 +16,6 @@ OUT=docs/bench
 mkdir -p "$WORK" "$OUT"
 SHIPPED=$(python -c "from flashjax.shipped import default_model_dir; print(default_model_dir())")
 HELDOUT=${HELDOUT:-data/corpus/heldout.txt}  # the held-out split of scripts/make_corpus.py
-
-python scripts/device_limit.py "$WORK" --seconds 1.0 --json "$OUT/device_limit.json" \
-    --plot "$OUT/device_limit.png" --mark-chunk 16384
 
 flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --json "$OUT/shipped.json" \
     --plots "$OUT/shipped"

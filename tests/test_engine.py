@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -229,3 +231,18 @@ def test_peak_dram_accounting_matches_rss(rss_model):
     # On top of the model's arrays come the runtime's: compiled kernels, orbax/TensorStore
     # restore buffers and allocator slack, measured ~115 MB here for this model
     assert high["hwm"] - base["hwm"] <= high["peak"] + 192 * 2**20
+
+
+def test_oracle_buffers_follow_the_trained_predictors_shares(sparse_model, tmp_path):
+    import shutil
+
+    path = tmp_path / "fj"
+    shutil.copytree(sparse_model("pre_ln"), path)
+    even = flashjax.load(path, dram_budget=0.5, predictor="oracle").memory.capacities
+    assert len(set(even)) == 1  # nothing known about the layers: equal shares
+    (path / "predictors").mkdir()
+    (path / "predictors" / "metrics.json").write_text(json.dumps({
+        "thresholds": [0.0] * 3,
+        "layers": [{"predicted_active_fraction": f} for f in (0.2, 0.02, 0.05)]}))
+    caps = flashjax.load(path, dram_budget=0.5, predictor="oracle").memory.capacities
+    assert caps[0] > caps[2] > caps[1]

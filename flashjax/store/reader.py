@@ -217,11 +217,12 @@ class FlashReader:
             if self.bundled:
                 self._staging_ts[0:count].write(stores[0][ids]).result()
             else:
+                # both halves in flight at once, each into its own contiguous array (TensorStore
+                # writes into a strided half of the staging rows far more slowly), then copied
                 d = self.d_model
-                parts = [self._staging_ts[0:count, 0:d].write(stores[0][ids]),
-                         self._staging_ts[0:count, d:2 * d].write(stores[1][ids])]
-                for part in parts:
-                    part.result()
+                up, down = stores[0][ids].read(), stores[1][ids].read()
+                self.staging[:count, :d] = up.result()
+                self.staging[:count, d:2 * d] = down.result()
         except Exception as e:
             raise bundles.StoreError(f"{self.model_dir}/{bundles.FFN_DIR}/{bundles.layer_key(layer)}:"
                                      f" reading {count} bundle rows failed ({e})") from None

@@ -88,6 +88,17 @@ def _ffn_part(buf: NeuronBuffer, first, n_live, ffn_in, acc):
     return acc + SparseFFN().apply({}, ffn_in, buf.up, buf.down, buf.bias, n_live, first)
 
 
+@functools.partial(jax.jit, static_argnums=5)
+def _ffn_window(buf: NeuronBuffer, first, n_live, ffn_in, acc, size: int):
+    """``_ffn_part`` over only the ``size`` slots from ``first`` on (a streamed chunk), not the
+    whole buffer; slots in that window at or past ``n_live`` contribute nothing."""
+    window = NeuronBuffer(up=jax.lax.dynamic_slice_in_dim(buf.up, first, size),
+                          down=jax.lax.dynamic_slice_in_dim(buf.down, first, size),
+                          bias=jax.lax.dynamic_slice_in_dim(buf.bias, first, size))
+    return acc + SparseFFN().apply({}, ffn_in, window.up, window.down, window.bias,
+                                   n_live - first, 0)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _finish(cfg: ModelConfig, layer_params, h, ffn_out):
     layer_params = _widen(layer_params, h)
@@ -367,7 +378,11 @@ class FlashModel(Model):
             buf = self._append(layer, self.buffers[layer], slice(start, start + count), pinned)
             self.buffers[layer] = buf
             t0 = time.perf_counter()
-            out = _ffn_part(buf, jnp.int32(pinned), jnp.int32(pinned + count), ffn_in, out)
+            if pinned:  # only the streamed window, not the pinned rows again
+                out = _ffn_window(buf, jnp.int32(pinned), jnp.int32(pinned + count), ffn_in, out,
+                                  chunk)
+            else:
+                out = _ffn_part(buf, jnp.int32(0), jnp.int32(count), ffn_in, out)
             out.block_until_ready()
             self.stats.add("compute", time.perf_counter() - t0)
         self.stats.rows_needed += n

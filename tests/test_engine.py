@@ -79,6 +79,29 @@ def test_hybrid_streams_only_what_is_not_resident(sparse_model):
     assert 0 < pinned < 2048 and {flash.pinned_rows(i) for i in range(3)} == {pinned}
     # the pinned rows once, the rest every token
     assert stats["rows_loaded"] == 3 * (pinned + stats["tokens"] * (2048 - pinned))
+    np.testing.assert_allclose(flash.logits([PROMPT]), dense.logits([PROMPT]), rtol=0,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("first, n_live, size", [
+    (0, 700, 1024),  # pieces past n_live are masked
+    (300, 1000, 600),  # a window in the middle, ending before n_live
+    (900, 1000, 200),  # the last piece is clamped back into the buffer: no row counted twice
+    (10, 1000, 100),  # a window smaller than one piece
+])
+def test_ffn_window_matches_the_ffn_over_exactly_its_slots(first, n_live, size):
+    rng = np.random.default_rng(first + size)
+    cap, d = 1000, 16
+    up, down = rng.normal(size=(cap, d)), rng.normal(size=(cap, d))
+    bias, x = rng.normal(size=cap), rng.normal(size=(1, 1, d))
+    buf = engine.NeuronBuffer(up=jax.numpy.asarray(up, np.float32),
+                              down=jax.numpy.asarray(down, np.float32),
+                              bias=jax.numpy.asarray(bias, np.float32))
+    acc = np.full((1, 1, d), 0.5, np.float32)
+    got = engine._ffn_window(buf, np.int32(first), np.int32(n_live), np.float32(x), acc, size)
+    rows = slice(first, min(n_live, first + size))
+    want = acc + np.maximum(x @ up[rows].T + bias[rows], 0) @ down[rows]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_unbundled_store_reads_the_same_rows(sparse_model):

@@ -74,3 +74,26 @@ def test_device_comparison_interpolates_size_and_concurrency():
     assert _device_gbps_at(limit, 8192, 4) == pytest.approx(0.10)  # halfway in log2 size
     assert _device_gbps_at(limit, 4096, 8) == pytest.approx(0.10)  # halfway in log2 threads
     assert _device_gbps_at(limit, 1024, 64) == pytest.approx(0.16)  # clamped to the range
+
+
+def test_each_configuration_is_compared_with_the_device_at_its_own_read_size():
+    from flashjax.bench.run import compare_with_device
+
+    limit = {"points": [{"chunk_bytes": c, "concurrency": n, "gb_s": c / 4096 * n / 100}
+                        for c in (4096, 8192, 16384) for n in (1, 4, 16)],
+             "read_gbps_best": 5.0}
+    base = {"reader_threads": 32, "rows_per_read_median": 4, "storage_gbps": 0.08,
+            "read_gbps": 0.08}
+    bundled = {**base, "options": {"predictor": "lowrank"}}
+    unbundled = {**base, "options": {"predictor": "lowrank", "bundled": False}}
+    naive = {**base, "options": {"predictor": None}}
+    for r in (bundled, unbundled, naive):
+        compare_with_device(r, limit, row_bytes=16384)
+    assert bundled["device_chunk_bytes"] == 16384
+    assert bundled["device_fraction"] == pytest.approx(0.08 / 0.16)
+    assert unbundled["device_chunk_bytes"] == 8192  # two half-bundle reads per neuron
+    assert unbundled["device_fraction"] == pytest.approx(0.08 / 0.08)
+    assert naive["device_chunk_bytes"] is None and naive["device_fraction"] == pytest.approx(0.016)
+    tiny = {**unbundled}
+    compare_with_device(tiny, limit, row_bytes=1024)  # 512-byte halves still cost a block each
+    assert tiny["device_chunk_bytes"] == 4096

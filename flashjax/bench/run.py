@@ -69,6 +69,22 @@ def _device_gbps_at(limit: dict, chunk: int, concurrency: float) -> float:
     return float(np.interp(np.log2(concurrency), np.log2(concs), values))
 
 
+def compare_with_device(r: dict, limit: dict, row_bytes: int) -> None:
+    """Add to config record ``r`` the device's throughput for the same read pattern and the
+    fraction of it that ``r`` achieved. The streaming baselines read long contiguous runs:
+    compared with the best the device does. The others read rows, at most reader_threads at a
+    time: compared at the row size (unbundled: half a bundle per read, at least one block)."""
+    streaming = r["options"].get("predictor") is None
+    blocks = (row_bytes if r["options"].get("bundled", True) else row_bytes // 2)
+    chunk = max(4096, -(-blocks // 4096) * 4096)
+    conc = max(1, min(r["reader_threads"], r["rows_per_read_median"]))
+    device_gbps = limit["read_gbps_best"] if streaming else _device_gbps_at(limit, chunk, conc)
+    r["device_chunk_bytes"] = None if streaming else chunk
+    r["device_gbps_same_pattern"] = device_gbps
+    achieved = r["storage_gbps"] if r["storage_gbps"] is not None else r["read_gbps"]
+    r["device_fraction"] = achieved / device_gbps if device_gbps > 0 else None
+
+
 def run_config(model_dir, budget, options: dict, tokens: int,
                prompt_tokens: int | None = None) -> dict:
     model = flashjax.load(model_dir, dram_budget=budget, **options)
@@ -151,15 +167,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         limit["read_gbps_best"] = max(p["gb_s"] for p in limit["points"])
         result["device_limit"] = limit
         for r in result["configs"].values():
-            streaming = r["options"].get("predictor") is None
-            # the streaming baselines read long contiguous runs: compare with the best the
-            # device does; the others read rows, at most reader_threads at a time
-            conc = min(r["reader_threads"], r["rows_per_read_median"])
-            device_gbps = limit["read_gbps_best"] if streaming else \
-                _device_gbps_at(limit, row, max(conc, 1))
-            r["device_gbps_same_pattern"] = device_gbps
-            achieved = r["storage_gbps"] if r["storage_gbps"] is not None else r["read_gbps"]
-            r["device_fraction"] = achieved / device_gbps if device_gbps > 0 else None
+            compare_with_device(r, limit, manifest.row_bytes)
     return result
 
 

@@ -123,3 +123,14 @@ def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: 
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (path / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}, indent=1))
     return path
+
+
+def synthetic_store(root: str | Path, config: dict | None = None, **checkpoint) -> Path:
+    """``synthetic_hf_checkpoint`` into ``root/hf`` (``checkpoint``: its keyword arguments),
+    converted into ``root/fj``; returns the converted model directory."""
+    from flashjax.store.convert import convert
+
+    root = Path(root)
+    synthetic_hf_checkpoint(root / "hf", config, **checkpoint)
+    convert(root / "hf", root / "fj", progress=False)
+    return root / "fj"

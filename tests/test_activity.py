@@ -7,7 +7,7 @@ import pytest
 
 import flashjax
 from flashjax.bench.activity import ActivityTrace, TraceError, layer_map, map_onto, statistics
-from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+from flashjax.testing import synthetic_store, tiny_opt_config
 
 CFG = tiny_opt_config(hidden_size=64, ffn_dim=512, num_hidden_layers=2)
 PROMPT = [2, 11, 25, 37]
@@ -29,9 +29,7 @@ def markov_trace(tokens, layers, neurons, active, stay, seed=0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("trace-store")
-    synthetic_hf_checkpoint(root / "hf", CFG, seed=5)
-    flashjax.convert(root / "hf", root / "fj", progress=False)
-    return root / "fj"
+    return synthetic_store(root, CFG, seed=5)
 
 
 def test_map_keeps_sparsity_and_overlap():

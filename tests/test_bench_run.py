@@ -7,15 +7,13 @@ import json
 import numpy as np
 import pytest
 
-import flashjax
 from flashjax.cli import main
-from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+from flashjax.testing import synthetic_store, tiny_opt_config
 
 
 def test_bench_reports_every_configuration(tmp_path, capsys):
     cfg = tiny_opt_config(hidden_size=64, ffn_dim=2048, num_hidden_layers=2)
-    synthetic_hf_checkpoint(tmp_path / "hf", cfg, ffn_active=0.05)
-    flashjax.convert(tmp_path / "hf", tmp_path / "fj", progress=False)
+    synthetic_store(tmp_path, cfg, ffn_active=0.05)
     assert main(["bench", str(tmp_path / "fj"), "--dram-budget", "40%", "--tokens", "6",
                  "--no-device-limit", "--json", str(tmp_path / "b.json"),
                  "--plots", str(tmp_path / "plots")]) == 0
@@ -48,8 +46,7 @@ def test_bench_with_an_activity_trace(tmp_path):
     from flashjax.bench.run import bench
 
     cfg = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
-    synthetic_hf_checkpoint(tmp_path / "hf", cfg)  # random weights: ~half the neurons fire
-    flashjax.convert(tmp_path / "hf", tmp_path / "fj", progress=False)
+    synthetic_store(tmp_path, cfg)  # random weights: ~half the neurons fire
     rng = np.random.default_rng(0)
     active = rng.random((16, 2, 1024)) < 0.04
     trace = ActivityTrace(active).save(tmp_path / "t.npz")

@@ -12,13 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import flashjax
 from flashjax.cache import (NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets,
                             move_rows, pad, slack_rows, update_rows)
 from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 from flashjax.store.reader import FlashReader
-from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+from flashjax.testing import synthetic_store, tiny_opt_config
 
 N = 64
 
@@ -57,9 +56,7 @@ def test_cache_invariants(tokens, capacity, window):
 @functools.lru_cache(maxsize=1)
 def _store():
     root = Path(tempfile.mkdtemp())
-    synthetic_hf_checkpoint(root / "hf", tiny_opt_config(ffn_dim=N, num_hidden_layers=1))
-    flashjax.convert(root / "hf", root / "fj", progress=False)
-    return root / "fj"
+    return synthetic_store(root, tiny_opt_config(ffn_dim=N, num_hidden_layers=1))
 
 
 @settings(max_examples=30, deadline=None)

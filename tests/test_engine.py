@@ -12,7 +12,7 @@ import flashjax
 from flashjax import engine
 from flashjax.cache import append_rows, move_rows
 from flashjax.store import bundles
-from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+from flashjax.testing import synthetic_store, tiny_opt_config
 
 # ~5% of neurons fire per token, as in trained ReLU models; 2048 neurons per layer so that
 # the FFN is most of the model and budgets below 100% leave useful buffers.
@@ -32,9 +32,7 @@ def sparse_model(tmp_path_factory):
     def get(variant):
         if variant not in made:
             root = tmp_path_factory.mktemp(f"sparse-{variant}")
-            synthetic_hf_checkpoint(root / "hf", SPARSE[variant], seed=3, ffn_active=0.05)
-            flashjax.convert(root / "hf", root / "fj", progress=False)
-            made[variant] = root / "fj"
+            made[variant] = synthetic_store(root, SPARSE[variant], seed=3, ffn_active=0.05)
         return made[variant]
 
     return get
@@ -186,9 +184,7 @@ def _wide(root, ffn_dim: int):
     so direct reads carry no rounding."""
     cfg = tiny_opt_config(hidden_size=1024, ffn_dim=ffn_dim, num_hidden_layers=2,
                           num_attention_heads=8, vocab_size=64, max_position_embeddings=64)
-    synthetic_hf_checkpoint(root / "hf", cfg, ffn_active=0.05)
-    flashjax.convert(root / "hf", root / "fj", progress=False)
-    return root / "fj"
+    return synthetic_store(root, cfg, ffn_active=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 
-import flashjax
 from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 from flashjax.store.reader import FlashReader, shard_row_offsets
-from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
+from flashjax.testing import synthetic_store, tiny_opt_config
 
 # 64-wide float16 bundles: 256-byte rows, so most runs start inside a 4 KiB block
 CFG = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
@@ -20,9 +19,7 @@ CFG = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("reader")
-    synthetic_hf_checkpoint(root / "hf", CFG, seed=2)
-    flashjax.convert(root / "hf", root / "fj", progress=False)
-    return root / "fj"
+    return synthetic_store(root, CFG, seed=2)
 
 
 @pytest.mark.parametrize("direct_io", [True, False])
@@ -58,8 +55,7 @@ def test_offsets_come_from_the_shard_index(store):
 
 
 def test_range_read_of_a_corrupt_row_is_caught(tmp_path):
-    synthetic_hf_checkpoint(tmp_path / "hf", CFG, seed=2)
-    flashjax.convert(tmp_path / "hf", tmp_path / "fj", progress=False)
+    synthetic_store(tmp_path, CFG, seed=2)
     manifest = Manifest.read(tmp_path / "fj")
     shard = tmp_path / "fj" / bundles.FFN_DIR / bundles.layer_key(1) / "c" / "0" / "0"
     data = bytearray(shard.read_bytes())

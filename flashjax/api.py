@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -193,13 +192,9 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             raise ValueError(f"predictor 'lowrank': {e}; or use predictor='oracle'") from None
     weights = None
     if predictor == "oracle":  # size the buffers as for the trained predictors, when known
-        from flashjax.predictor.model import METRICS_FILE, PREDICTORS_DIR
+        from flashjax.predictor.model import saved_layer_weights
 
-        metrics = path / PREDICTORS_DIR / METRICS_FILE
-        if metrics.exists():
-            layers = json.loads(metrics.read_text()).get("layers") or []
-            if len(layers) == cfg.num_hidden_layers:
-                weights = [m["predicted_active_fraction"] for m in layers]
+        weights = saved_layer_weights(path, cfg.num_hidden_layers)
     resident_dtype, plan = _choose_resident_dtype(manifest, dtype, budget, options, predictors,
                                                   weights)
     params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, resident_dtype))

@@ -286,6 +286,13 @@ class FlashModel(Model):
             return self.trace.needed(self.step_count, layer), scores
         return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
+    def _padded_bias(self, layer: int, ids: np.ndarray, size: int) -> np.ndarray:
+        """fc1 biases of neurons ``ids`` (they go with their rows into the buffer), zero-padded
+        to the update's padded size."""
+        bias = np.zeros(size, self.fc1_bias[layer].dtype)
+        bias[:ids.size] = self.fc1_bias[layer][ids]
+        return bias
+
     def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int) -> NeuronBuffer:
         """Read bundle rows ``ids`` (sorted array or slice) into the slots from ``first_slot``
         on, at most ``update_rows`` at a time; returns the updated (donated) buffer."""
@@ -303,10 +310,9 @@ class FlashModel(Model):
             t1 = time.perf_counter()
             stats.add("io", t1 - t0)
             size = bucket_for(part.size, self.sizes)
-            bias = np.zeros(size, self.fc1_bias[layer].dtype)
-            bias[:part.size] = self.fc1_bias[layer][part]
             # Rows past part.size are stale staging data; they land in slots past the live ones.
-            buf = append_rows(buf, np.int32(first_slot + start), self.reader.staging[:size], bias)
+            buf = append_rows(buf, np.int32(first_slot + start), self.reader.staging[:size],
+                              self._padded_bias(layer, part, size))
             # The staging buffer is rewritten by the next read: finish using it first.
             jax.block_until_ready(buf)
             stats.add("memory", time.perf_counter() - t1)
@@ -326,8 +332,7 @@ class FlashModel(Model):
         t1 = time.perf_counter()
         stats.add("io", t1 - t0)
         size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
-        bias = np.zeros(size, self.fc1_bias[layer].dtype)
-        bias[:plan.missing.size] = self.fc1_bias[layer][plan.missing]
+        bias = self._padded_bias(layer, plan.missing, size)
         start = plan.append_slots[0] if plan.append_slots.size else self.caches[layer].n
         buf = update_rows(buf, pad(plan.holes, size, capacity), pad(plan.movers, size, 0),
                           np.int32(start), self.reader.staging[:size], bias)

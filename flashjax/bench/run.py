@@ -69,14 +69,18 @@ def _device_gbps_at(limit: dict, chunk: int, concurrency: float) -> float:
     return float(np.interp(np.log2(concurrency), np.log2(concs), values))
 
 
+def _whole_blocks(nbytes: int, block: int = 4096) -> int:
+    """What an O_DIRECT read of ``nbytes`` costs the device: whole blocks, at least one."""
+    return max(block, -(-nbytes // block) * block)
+
+
 def compare_with_device(r: dict, limit: dict, row_bytes: int) -> None:
     """Add to config record ``r`` the device's throughput for the same read pattern and the
     fraction of it that ``r`` achieved. The streaming baselines read long contiguous runs:
     compared with the best the device does. The others read rows, at most reader_threads at a
     time: compared at the row size (unbundled: half a bundle per read, at least one block)."""
     streaming = r["options"].get("predictor") is None
-    blocks = (row_bytes if r["options"].get("bundled", True) else row_bytes // 2)
-    chunk = max(4096, -(-blocks // 4096) * 4096)
+    chunk = _whole_blocks(row_bytes if r["options"].get("bundled", True) else row_bytes // 2)
     conc = max(1, min(r["reader_threads"], r["rows_per_read_median"]))
     device_gbps = limit["read_gbps_best"] if streaming else _device_gbps_at(limit, chunk, conc)
     r["device_chunk_bytes"] = None if streaming else chunk
@@ -158,7 +162,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         from flashjax.bench.device import device_limit
 
         chunks = sorted({4096, 8192, 16384, 32768, 65536, 1 << 20,
-                         max(4096, -(-manifest.row_bytes // 4096) * 4096)})
+                         _whole_blocks(manifest.row_bytes)})
         limit = device_limit(model_dir.parent, chunk_sizes=chunks,
                              concurrencies=(1, 4, 8, 16, 32, 64), seconds=device_seconds,
                              file_bytes=1 << 30, progress=progress)

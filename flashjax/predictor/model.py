@@ -55,6 +55,22 @@ def predict_scores(params, x, token_valid):
     return jnp.where(token_valid[:, None, None], logits, -jnp.inf).max(axis=(0, 1))
 
 
+def layer_weights(metrics: dict, n_layers: int) -> list[float] | None:
+    """Each layer's predicted-active fraction from trained predictors' ``metrics``, or None
+    unless they cover ``n_layers`` layers."""
+    layers = metrics.get("layers")
+    if not layers or len(layers) != n_layers:
+        return None
+    return [m["predicted_active_fraction"] for m in layers]
+
+
+def saved_layer_weights(model_dir: str | Path, n_layers: int) -> list[float] | None:
+    """``layer_weights`` of the predictors saved in ``model_dir``, without loading them; None
+    when there are none."""
+    meta = Path(model_dir) / PREDICTORS_DIR / METRICS_FILE
+    return layer_weights(json.loads(meta.read_text()), n_layers) if meta.exists() else None
+
+
 @dataclasses.dataclass
 class Predictors:
     """Per-layer predictor parameters, decision thresholds on the logits, and metrics."""
@@ -65,10 +81,7 @@ class Predictors:
 
     def layer_weights(self) -> list[float] | None:
         """Each layer's predicted-active fraction on held-out tokens (to size its buffer)."""
-        layers = self.metrics.get("layers")
-        if not layers or len(layers) != len(self.params):
-            return None
-        return [m["predicted_active_fraction"] for m in layers]
+        return layer_weights(self.metrics, len(self.params))
 
     @classmethod
     def random(cls, d_model: int, n_neurons: int, n_layers: int, rank: int | None = None,

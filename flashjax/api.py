@@ -82,16 +82,18 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     predictors = predictor_bytes
     index_fixed = layers * n * 4  # neuron -> slot maps
     # transient, per row of an update: TensorStore's read buffer and the device copy of the
-    # staged rows (storage dtype), their up/down halves converted to the compute dtype, and
-    # the gathered rows of a move
+    # staged rows (storage dtype; on CPU jax usually shares the staging memory instead), their
+    # up/down halves converted to the compute dtype, and the gathered rows of a move
     update_row = 2 * manifest.row_bytes + 2 * (2 * d + 1) * item
+    slots = 2 if options.overlap else 1  # staging buffers: one is read while one is used
     rows = options.update_rows
     if rows is None:  # the largest power of two up to 1024 whose staging uses <= 1/16 budget
         rows = 1024
-        while rows > MIN_CAPACITY and rows * (update_row + manifest.row_bytes) > budget // 16:
+        while (rows > MIN_CAPACITY
+               and rows * (update_row + slots * manifest.row_bytes) > budget // 16):
             rows //= 2
     rows = min(n, rows)
-    staging = rows * manifest.row_bytes
+    staging = slots * rows * manifest.row_bytes
     workspace = rows * update_row
     # per row of capacity, in every layer: up + down rows and bias, slot id and last use
     layer_row = (2 * d + 1) * item + 4 + 8
@@ -213,7 +215,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer], dtype)))
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads,
-                         bundled=options.bundled)
+                         bundled=options.bundled, slots=2 if options.overlap else 1)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
                       oracle=oracle, predictors=predictors, trace=trace,
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

@@ -5,6 +5,16 @@ cache plan: which rows leave the window, which are missing (host) -> batched rea
 missing bundle rows into the staging buffer (TensorStore) -> donated in-place row moves and
 appends on the device buffer (jit) -> FFN over the buffer (jit). Every step is timed and every
 byte counted.
+
+With ``overlap`` (the default) the device works while the host reads: the FFN over the rows a
+layer already holds is dispatched before its missing rows are read, the rows just read go
+through the FFN straight from their device copy, and the layer's moves and appends are
+dispatched only when the next layer starts its read, so they run under that read instead of
+before the next attention. jax dispatches asynchronously and XLA:CPU runs one computation at
+a time, in order, so this ordering is what puts device work under I/O. The phases are then
+the host's time: work hidden under a read costs nothing; what is not hidden shows up where
+the host next waits for a result (compute). ``overlap=False`` blocks after every piece and
+times each on its own.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ class EngineOptions:
     verify_reads: bool = False  # crc32-check every row read
     bundled: bool = True  # False: read up and down halves from the unbundled copy (benchmarks)
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
+    overlap: bool = True  # buffer updates and FFN work run while the next rows are read
 
 
 # -- jitted pieces: every layer has the same shapes, so each compiles once ---------------------
@@ -117,6 +128,23 @@ def _ffn_window(buf: NeuronBuffer, first, n_live, ffn_in, acc, size: int):
         return acc + jnp.einsum("bsc,cd->bsd", h, down).astype(acc.dtype)
 
     return jax.lax.fori_loop(0, -(-size // piece), body, acc)
+
+
+@jax.jit
+def _ffn_rows(rows, bias, count, ffn_in, acc):
+    """acc + the FFN over the first ``count`` of bundle rows [S, 2D] just read (the device copy
+    of the staging buffer, storage dtype); rows past ``count`` are stale and masked."""
+    d = ffn_in.shape[-1]
+    live = jnp.arange(rows.shape[0]) < count
+    rows = jnp.where(live[:, None], rows.astype(ffn_in.dtype), 0)
+    return acc + SparseFFN().apply({}, ffn_in, rows[:, :d], rows[:, d:],
+                                   bias.astype(ffn_in.dtype), count)
+
+
+@jax.jit
+def _first_bias(buf: NeuronBuffer):
+    """A scalar that is ready only once ``buf`` is: a fence for the update that made it."""
+    return buf.bias[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -228,24 +256,30 @@ class FlashModel(Model):
         """Compile the row-update kernels for every padded size now, not while generating."""
         width = self.cfg.bundle_width
         first_of = {c: self._memory.capacities.index(c) for c in set(self._memory.capacities)}
+        first_layer = min(first_of.values())
         for layer in first_of.values():
             buf = self.buffers[layer]
             out_of_range = buf.up.shape[0]
             for size in self.sizes:
                 idx = jnp.full((size,), out_of_range, jnp.int32)  # no moves
-                rows = np.zeros((size, width), self.reader.staging.dtype)
-                bias = np.zeros(size, self.fc1_bias[0].dtype)
+                rows = jax.device_put(np.zeros((size, width), self.reader.staging.dtype))
+                bias = jax.device_put(np.zeros(size, self.fc1_bias[0].dtype))
                 buf = move_rows(buf, idx, jnp.zeros((size,), jnp.int32))
                 buf = append_rows(buf, np.int32(0), rows, bias)  # the buffer holds nothing yet
                 if self.options.predictor is not None:
                     buf = update_rows(buf, idx, jnp.zeros((size,), jnp.int32), np.int32(0),
                                       rows, bias)
+                    if self.options.overlap and layer == first_layer:
+                        x = jnp.zeros((1, 1, self.cfg.hidden_size), self.dtype)  # one sequence
+                        _ffn_rows(rows, bias, jnp.int32(0), x, x)
             self.buffers[layer] = buf
 
     def reset(self) -> None:
         """Forget what is resident (buffers keep their memory) and start new statistics."""
         self.caches = [NeuronCache(self.cfg.ffn_dim, c) for c in self._memory.capacities]
         self._pinned_loaded = [False] * len(self.caches)
+        self._pending = None  # (layer, staging slot, update_rows arguments) of the overlap
+        self._fences = [[] for _ in range(self.reader.slots)]
         self.step_count = 0
         self.stats = Stats()
 
@@ -269,8 +303,12 @@ class FlashModel(Model):
             stats.add("compute", time.perf_counter() - t0)
         t0 = time.perf_counter()
         logits, cache = _head(cfg, self.params, h, cache)
+        t1 = time.perf_counter()
+        self._flush()  # the last layer's update runs after the head, while the host samples
+        t2 = time.perf_counter()
+        stats.add("memory", t2 - t1)
         logits.block_until_ready()
-        stats.add("compute", time.perf_counter() - t0)
+        stats.add("compute", t1 - t0 + time.perf_counter() - t2)
         stats.end_token()
         self.step_count += 1
         return logits, cache
@@ -286,12 +324,42 @@ class FlashModel(Model):
             return self.trace.needed(self.step_count, layer), scores
         return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
-    def _padded_bias(self, layer: int, ids: np.ndarray, size: int) -> np.ndarray:
+    def _padded_bias(self, layer: int, ids: np.ndarray, size: int) -> jax.Array:
         """fc1 biases of neurons ``ids`` (they go with their rows into the buffer), zero-padded
-        to the update's padded size."""
+        to the update's padded size, on the device."""
         bias = np.zeros(size, self.fc1_bias[layer].dtype)
         bias[:ids.size] = self.fc1_bias[layer][ids]
-        return bias
+        return jax.device_put(bias)
+
+    def _claim_slot(self) -> None:
+        """Move the reader to its next staging buffer, once the device work still using the
+        rows last read into that buffer is done (jax may use host rows without a copy)."""
+        slot = self.reader.next_slot()
+        jax.block_until_ready(self._fences[slot])
+        self._fences[slot] = []
+
+    def _staged(self, size: int) -> jax.Array:
+        """The first ``size`` staging rows as a jax array (on CPU, usually the same memory);
+        whatever consumes it must be fenced with ``_used``."""
+        return jax.device_put(self.reader.staging[:size])
+
+    def _used(self, slot: int, result) -> None:
+        """``result`` is the output of a computation that reads staging buffer ``slot``: the
+        buffer is not rewritten before it is ready."""
+        self._fences[slot].append(result)
+
+    def _buffer_done(self, layer: int) -> jax.Array:
+        """A fence for the last update of ``layer``'s buffer that does not hold the buffer
+        itself (that is donated by the next update)."""
+        return _first_bias(self.buffers[layer])
+
+    def _flush(self) -> None:
+        """Dispatch the moves and appends deferred by the last overlapped layer."""
+        if self._pending is not None:
+            layer, slot, args = self._pending
+            self._pending = None
+            self.buffers[layer] = update_rows(self.buffers[layer], *args)
+            self._used(slot, self._buffer_done(layer))
 
     def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int) -> NeuronBuffer:
         """Read bundle rows ``ids`` (sorted array or slice) into the slots from ``first_slot``
@@ -302,6 +370,7 @@ class FlashModel(Model):
         for start in range(0, all_ids.size, chunk):
             part = all_ids[start:start + chunk]
             t0 = time.perf_counter()
+            self._claim_slot()
             if isinstance(ids, slice):  # a run of consecutive rows: one sequential read
                 self.reader.read_range(layer, int(part[0]), int(part[-1]) + 1)
             else:
@@ -311,35 +380,38 @@ class FlashModel(Model):
             stats.add("io", t1 - t0)
             size = bucket_for(part.size, self.sizes)
             # Rows past part.size are stale staging data; they land in slots past the live ones.
-            buf = append_rows(buf, np.int32(first_slot + start), self.reader.staging[:size],
+            buf = append_rows(buf, np.int32(first_slot + start), self._staged(size),
                               self._padded_bias(layer, part, size))
-            # The staging buffer is rewritten by the next read: finish using it first.
-            jax.block_until_ready(buf)
+            self._used(self.reader.slot, _first_bias(buf))
+            if not self.options.overlap:
+                jax.block_until_ready(buf)
             stats.add("memory", time.perf_counter() - t1)
             stats.loaded(int(part.size))
         return buf
 
-    def _update(self, layer: int, buf: NeuronBuffer, plan) -> NeuronBuffer:
-        """Read ``plan.missing`` (at most ``update_rows``) and apply the plan's moves and
-        appends to ``buf`` in one donated dispatch."""
-        stats, capacity = self.stats, buf.up.shape[0]
-        if not plan.holes.size and not plan.missing.size:
-            return buf
+    def _read_missing(self, layer: int, plan) -> tuple[int, jax.Array, jax.Array]:
+        """Read ``plan.missing`` (at most ``update_rows``); returns the padded size and the
+        device copies of the rows and their fc1 biases."""
+        stats = self.stats
         t0 = time.perf_counter()
+        self._claim_slot()
         if plan.missing.size:
             self.reader.read(layer, plan.missing)
             stats.rows_per_read.append(int(plan.missing.size))
         t1 = time.perf_counter()
         stats.add("io", t1 - t0)
         size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
-        bias = self._padded_bias(layer, plan.missing, size)
-        start = plan.append_slots[0] if plan.append_slots.size else self.caches[layer].n
-        buf = update_rows(buf, pad(plan.holes, size, capacity), pad(plan.movers, size, 0),
-                          np.int32(start), self.reader.staging[:size], bias)
-        jax.block_until_ready(buf)  # the staging buffer is rewritten by the next read
+        rows, bias = self._staged(size), self._padded_bias(layer, plan.missing, size)
         stats.add("memory", time.perf_counter() - t1)
         stats.loaded(int(plan.missing.size))
-        return buf
+        return size, rows, bias
+
+    def _update_args(self, layer: int, plan, size: int, rows, bias) -> tuple:
+        """``update_rows``' arguments after the buffer: padded moves, first append slot, rows."""
+        capacity = self.buffers[layer].up.shape[0]
+        start = plan.append_slots[0] if plan.append_slots.size else self.caches[layer].n
+        return (pad(plan.holes, size, capacity), pad(plan.movers, size, 0), np.int32(start),
+                rows, bias)
 
     def _cached_layer(self, layer: int, ffn_in, token_valid):
         stats, chunk = self.stats, self._memory.update_rows
@@ -347,12 +419,45 @@ class FlashModel(Model):
         needed, scores = self._predict(layer, ffn_in, token_valid)
         t1 = time.perf_counter()
         stats.add("predictor", t1 - t0)
+        held = self.caches[layer].n  # live slots [0, held) before this token's plan
         plan = self.caches[layer].plan(needed, self.step_count, self.options.window, scores)
+        stats.rows_evicted += int(plan.evicted.size)
+        stats.rows_dropped += plan.dropped
+        stats.rows_needed += int(needed.size)
+        changes = plan.holes.size or plan.missing.size
+        fits = plan.holes.size <= chunk and plan.missing.size <= chunk
+        if self.options.overlap and fits:
+            # The FFN over the rows held before this token (the ones leaving the window too:
+            # real rows of this layer, so the sum only gets closer to the dense FFN) runs
+            # while the missing rows are read; the new rows' FFN uses their device copy; the
+            # moves and appends wait for the next layer's read.
+            self._flush()
+            t2 = time.perf_counter()
+            stats.add("memory", t2 - t1)
+            out = _ffn_part(self.buffers[layer], jnp.int32(0), jnp.int32(held), ffn_in,
+                            jnp.zeros_like(ffn_in))
+            stats.add("compute", time.perf_counter() - t2)
+            if not changes:
+                return out
+            size, rows, bias = self._read_missing(layer, plan)
+            slot = self.reader.slot
+            self._pending = (layer, slot, self._update_args(layer, plan, size, rows, bias))
+            t3 = time.perf_counter()
+            if plan.missing.size:
+                out = _ffn_rows(rows, bias, jnp.int32(plan.missing.size), ffn_in, out)
+                self._used(slot, out)
+            stats.add("compute", time.perf_counter() - t3)
+            return out
+        self._flush()
         buf = self.buffers[layer]
-        if plan.holes.size <= chunk and plan.missing.size <= chunk:
-            # the common case: the read, then one dispatch for the moves and appends
+        if fits:  # the read, then one dispatch for the moves and appends
             stats.add("memory", time.perf_counter() - t1)
-            buf = self._update(layer, buf, plan)
+            if changes:
+                size, rows, bias = self._read_missing(layer, plan)
+                t2 = time.perf_counter()
+                buf = update_rows(buf, *self._update_args(layer, plan, size, rows, bias))
+                jax.block_until_ready(buf)  # so nothing reads the staging rows any more
+                stats.add("memory", time.perf_counter() - t2)
         else:
             for start in range(0, plan.holes.size, chunk):
                 holes = plan.holes[start:start + chunk]
@@ -363,13 +468,11 @@ class FlashModel(Model):
             buf = self._append(layer, buf, plan.missing,
                                int(plan.append_slots[0]) if plan.missing.size else 0)
         self.buffers[layer] = buf
-        stats.rows_evicted += int(plan.evicted.size)
-        stats.rows_dropped += plan.dropped
-        stats.rows_needed += int(needed.size)
         t2 = time.perf_counter()
         out = _ffn_part(buf, jnp.int32(0), jnp.int32(self.caches[layer].n), ffn_in,
                         jnp.zeros_like(ffn_in))
-        out.block_until_ready()
+        if not self.options.overlap:
+            out.block_until_ready()
         stats.add("compute", time.perf_counter() - t2)
         return out
 
@@ -393,9 +496,10 @@ class FlashModel(Model):
             self._pinned_loaded[layer] = True
         out = jnp.zeros_like(ffn_in)
         t0 = time.perf_counter()
-        if pinned:
+        if pinned:  # with overlap, runs under the first streamed read
             out = _ffn_part(self.buffers[layer], jnp.int32(0), jnp.int32(pinned), ffn_in, out)
-            out.block_until_ready()
+            if not self.options.overlap:
+                out.block_until_ready()
         self.stats.add("compute", time.perf_counter() - t0)
         chunk = capacity - pinned
         for start in range(pinned, n, chunk):
@@ -408,7 +512,8 @@ class FlashModel(Model):
                                   chunk)
             else:
                 out = _ffn_part(buf, jnp.int32(0), jnp.int32(count), ffn_in, out)
-            out.block_until_ready()
+            if not self.options.overlap:  # else it runs under the next chunk's read
+                out.block_until_ready()
             self.stats.add("compute", time.perf_counter() - t0)
         self.stats.rows_needed += n
         return out

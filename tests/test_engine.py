@@ -157,7 +157,8 @@ def test_buffers_are_updated_in_place(sparse_model):
 def test_no_compilation_after_the_first_token(sparse_model):
     flash = flashjax.load(sparse_model("pre_ln"), dram_budget=0.5, predictor="oracle")
     flash.generate([2, 5], 1)  # the first token: compiles what it needs
-    jitted = (engine._embed, engine._attend, engine._ffn_part, engine._finish, engine._head,
+    jitted = (engine._embed, engine._attend, engine._ffn_part, engine._ffn_rows, engine._finish,
+              engine._head, engine._first_bias,
               engine._oracle_scores, move_rows, append_rows)
     sizes = [f._cache_size() for f in jitted]
     with jax.no_tracing():  # raises on any new trace
@@ -265,3 +266,59 @@ def test_oracle_buffers_follow_the_trained_predictors_shares(sparse_model, tmp_p
         "layers": [{"predicted_active_fraction": f} for f in (0.2, 0.02, 0.05)]}))
     caps = flashjax.load(path, dram_budget=0.5, predictor="oracle").memory.capacities
     assert caps[0] > caps[2] > caps[1]
+
+
+@pytest.mark.parametrize("options", [{"predictor": None, "dram_budget": 0.3},
+                                     {"predictor": None, "hybrid": True, "dram_budget": 0.5},
+                                     {"predictor": "oracle", "dram_budget": 0.5}])
+def test_staging_rows_are_not_rewritten_while_device_work_reads_them(sparse_model, options):
+    """With overlap, computations read the staging buffers' rows without a copy while the host
+    goes on reading: no read may start into a staging buffer that a computation dispatched
+    earlier still reads."""
+    path = sparse_model("pre_ln")
+    flash = flashjax.load(path, **options)
+    assert flash.options.overlap and flash.reader.slots == 2
+    uses, checked_reads = [], []
+    record = flash._used
+
+    def used(slot, result):
+        uses.append((slot, result))
+        record(slot, result)
+
+    def guarded(read):
+        def run(*args, **kw):
+            slot = flash.reader.slot
+            pending = [r for s, r in uses if s == slot and not r.is_ready()]
+            assert not pending, f"a read into staging slot {slot} with {len(pending)} readers"
+            checked_reads.append(slot)
+            return read(*args, **kw)
+        return run
+
+    flash._used = used
+    flash.reader.read = guarded(flash.reader.read)
+    flash.reader.read_range = guarded(flash.reader.read_range)
+    dense = flashjax.load(path, progress=False)
+    assert flash.generate(PROMPT, 12, stop_at_eos=False) == dense.generate(PROMPT, 12,
+                                                                          stop_at_eos=False)
+    assert set(checked_reads) == {0, 1} and len(uses) >= len(checked_reads)
+
+
+def test_overlap_changes_timing_only(sparse_model):
+    """overlap=False (each piece blocked on and timed alone) gives the same tokens, logits
+    and resident rows; with overlap the FFN also covers rows leaving the window, which are
+    zero under the exact predictor."""
+    path = sparse_model("post_ln_proj")
+    runs = {}
+    for overlap in (True, False):
+        flash = flashjax.load(path, dram_budget=0.4, predictor="oracle", window=3,
+                              overlap=overlap)
+        ids, stats = flash.generate(PROMPT, 12, stop_at_eos=False, return_stats=True)
+        runs[overlap] = (ids, stats["rows_loaded"], [np.asarray(b.up)[:c.n].copy()
+                                                     for b, c in zip(flash.buffers,
+                                                                     flash.caches)],
+                         flash.logits(PROMPT + ids))
+    (ids_a, rows_a, bufs_a, logits_a), (ids_b, rows_b, bufs_b, logits_b) = runs[True], runs[False]
+    assert ids_a == ids_b and rows_a == rows_b
+    for a, b in zip(bufs_a, bufs_b):
+        np.testing.assert_array_equal(a, b)
+    assert rel_err(logits_a, logits_b) <= 1e-6

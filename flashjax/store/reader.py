@@ -78,11 +78,15 @@ def _aligned(nbytes: int) -> tuple[mmap.mmap, memoryview]:
 
 
 class FlashReader:
-    """Reads bundle rows of any layer into ``staging`` [max_rows, bundle_width]."""
+    """Reads bundle rows of any layer into ``staging`` [max_rows, bundle_width].
+
+    With ``slots`` > 1 the staging buffer is one of a ring of that many: ``next_slot()`` moves
+    reads to the next one, so device work can still use rows read into the others (the engine
+    hands staging rows to jax without a copy and fences each slot before reusing it)."""
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, max_rows: int, *,
                  direct_io: bool = True, concurrency: int = 32, verify: bool = False,
-                 bundled: bool = True):
+                 bundled: bool = True, slots: int = 1):
         cfg = manifest.config
         self.model_dir = Path(model_dir)
         self.row_bytes = manifest.row_bytes
@@ -108,11 +112,15 @@ class FlashReader:
         self.checksums = bundles.load_checksums(model_dir) if verify else None
         # page-aligned, with room to round a run up to whole blocks
         staging_bytes = max_rows * self.row_bytes
-        self._staging_mem, self._staging_view = _aligned(staging_bytes + 2 * ALIGN)
-        self.staging = np.frombuffer(self._staging_mem, NP_DTYPES[manifest.dtype],
-                                     count=max_rows * cfg.bundle_width).reshape(
-                                         max_rows, cfg.bundle_width)
-        self._staging_ts = ts.array(self.staging, copy=False, write=True)
+        self._ring = []  # (memory, writable view, array, TensorStore view of the array)
+        for _ in range(slots):
+            mem, view = _aligned(staging_bytes + 2 * ALIGN)
+            array = np.frombuffer(mem, NP_DTYPES[manifest.dtype],
+                                  count=max_rows * cfg.bundle_width).reshape(
+                                      max_rows, cfg.bundle_width)
+            self._ring.append((mem, view, array, ts.array(array, copy=False, write=True)))
+        self.slot = 0
+        self._select(0)
         self._threads = concurrency
         self._pool = None
         self._fds: dict[int, int] = {}
@@ -129,9 +137,23 @@ class FlashReader:
             raise bundles.StoreError(f"{spec['kvstore']['path']}: cannot open ({e}); run "
                                      f"`flashjax verify {self.model_dir}`") from None
 
+    def _select(self, slot: int) -> None:
+        self.slot = slot
+        _, self._staging_view, self.staging, self._staging_ts = self._ring[slot]
+
+    def next_slot(self) -> int:
+        """Make the next staging buffer of the ring current; returns its index."""
+        self._select((self.slot + 1) % len(self._ring))
+        return self.slot
+
+    @property
+    def slots(self) -> int:
+        return len(self._ring)
+
     @property
     def staging_bytes(self) -> int:
-        return self.staging.nbytes
+        """All staging buffers of the ring."""
+        return self.staging.nbytes * len(self._ring)
 
     def _row_offsets(self, layer: int) -> np.ndarray | None:
         if self._offsets[layer] is False:

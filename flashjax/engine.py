@@ -94,9 +94,10 @@ def _attend(cfg: ModelConfig, layer_params, h, cache: KVCache, layer):
 
 
 @jax.jit
-def _ffn_part(buf: NeuronBuffer, first, n_live, ffn_in, acc):
+def _ffn_part(buf: NeuronBuffer, first, n_live, ffn_in, acc=None):
     """acc + the FFN over buffer slots [first, n_live) (fc2 bias not added)."""
-    return acc + SparseFFN().apply({}, ffn_in, buf.up, buf.down, buf.bias, n_live, first)
+    out = SparseFFN().apply({}, ffn_in, buf.up, buf.down, buf.bias, n_live, first)
+    return out if acc is None else acc + out
 
 
 WINDOW_PIECE = 256  # rows per step of ``_ffn_window``'s loop
@@ -262,8 +263,8 @@ class FlashModel(Model):
             out_of_range = buf.up.shape[0]
             for size in self.sizes:
                 idx = jnp.full((size,), out_of_range, jnp.int32)  # no moves
-                rows = jax.device_put(np.zeros((size, width), self.reader.staging.dtype))
-                bias = jax.device_put(np.zeros(size, self.fc1_bias[0].dtype))
+                rows = np.zeros((size, width), self.reader.staging.dtype)
+                bias = np.zeros(size, self.fc1_bias[0].dtype)
                 buf = move_rows(buf, idx, jnp.zeros((size,), jnp.int32))
                 buf = append_rows(buf, np.int32(0), rows, bias)  # the buffer holds nothing yet
                 if self.options.predictor is not None:
@@ -271,7 +272,7 @@ class FlashModel(Model):
                                       rows, bias)
                     if self.options.overlap and layer == first_layer:
                         x = jnp.zeros((1, 1, self.cfg.hidden_size), self.dtype)  # one sequence
-                        _ffn_rows(rows, bias, jnp.int32(0), x, x)
+                        _ffn_rows(rows, bias, np.int32(0), x, x)
             self.buffers[layer] = buf
 
     def reset(self) -> None:
@@ -324,12 +325,12 @@ class FlashModel(Model):
             return self.trace.needed(self.step_count, layer), scores
         return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
-    def _padded_bias(self, layer: int, ids: np.ndarray, size: int) -> jax.Array:
+    def _padded_bias(self, layer: int, ids: np.ndarray, size: int) -> np.ndarray:
         """fc1 biases of neurons ``ids`` (they go with their rows into the buffer), zero-padded
-        to the update's padded size, on the device."""
+        to the update's padded size."""
         bias = np.zeros(size, self.fc1_bias[layer].dtype)
         bias[:ids.size] = self.fc1_bias[layer][ids]
-        return jax.device_put(bias)
+        return bias
 
     def _claim_slot(self) -> None:
         """Move the reader to its next staging buffer, once the device work still using the
@@ -338,10 +339,12 @@ class FlashModel(Model):
         jax.block_until_ready(self._fences[slot])
         self._fences[slot] = []
 
-    def _staged(self, size: int) -> jax.Array:
-        """The first ``size`` staging rows as a jax array (on CPU, usually the same memory);
-        whatever consumes it must be fenced with ``_used``."""
-        return jax.device_put(self.reader.staging[:size])
+    def _staged(self, size: int) -> np.ndarray:
+        """The first ``size`` staging rows, to pass to jitted functions as they are: jax may
+        use this memory without a copy (on CPU it usually does), and a numpy argument is
+        ~10x cheaper to dispatch than a ``device_put`` first. Whatever consumes it must be
+        fenced with ``_used``."""
+        return self.reader.staging[:size]
 
     def _used(self, slot: int, result) -> None:
         """``result`` is the output of a computation that reads staging buffer ``slot``: the
@@ -389,22 +392,22 @@ class FlashModel(Model):
             stats.loaded(int(part.size))
         return buf
 
-    def _read_missing(self, layer: int, plan) -> tuple[int, jax.Array, jax.Array]:
-        """Read ``plan.missing`` (at most ``update_rows``); returns the padded size and the
-        device copies of the rows and their fc1 biases."""
+    def _read_staged(self, layer: int, ids: np.ndarray, size: int
+                     ) -> tuple[jax.Array, jax.Array]:
+        """Read bundle rows ``ids`` (at most ``update_rows``) into the next staging buffer;
+        returns them padded to ``size`` rows, and their fc1 biases, as jax arrays."""
         stats = self.stats
         t0 = time.perf_counter()
         self._claim_slot()
-        if plan.missing.size:
-            self.reader.read(layer, plan.missing)
-            stats.rows_per_read.append(int(plan.missing.size))
+        if ids.size:
+            self.reader.read(layer, ids)
+            stats.rows_per_read.append(int(ids.size))
         t1 = time.perf_counter()
         stats.add("io", t1 - t0)
-        size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
-        rows, bias = self._staged(size), self._padded_bias(layer, plan.missing, size)
+        rows, bias = self._staged(size), self._padded_bias(layer, ids, size)
         stats.add("memory", time.perf_counter() - t1)
-        stats.loaded(int(plan.missing.size))
-        return size, rows, bias
+        stats.loaded(int(ids.size))
+        return rows, bias
 
     def _update_args(self, layer: int, plan, size: int, rows, bias) -> tuple:
         """``update_rows``' arguments after the buffer: padded moves, first append slot, rows."""
@@ -426,54 +429,81 @@ class FlashModel(Model):
         stats.rows_needed += int(needed.size)
         changes = plan.holes.size or plan.missing.size
         fits = plan.holes.size <= chunk and plan.missing.size <= chunk
-        if self.options.overlap and fits:
-            # The FFN over the rows held before this token (the ones leaving the window too:
-            # real rows of this layer, so the sum only gets closer to the dense FFN) runs
-            # while the missing rows are read; the new rows' FFN uses their device copy; the
-            # moves and appends wait for the next layer's read.
+        if self.options.overlap:
             self._flush()
             t2 = time.perf_counter()
             stats.add("memory", t2 - t1)
-            out = _ffn_part(self.buffers[layer], jnp.int32(0), jnp.int32(held), ffn_in,
-                            jnp.zeros_like(ffn_in))
+            # The FFN over the rows held before this token (those leaving the window too: real
+            # rows of this layer, so the sum only gets closer to the dense FFN) runs while the
+            # missing rows are read; the new rows' FFN reads them from the staging buffer.
+            out = _ffn_part(self.buffers[layer], np.int32(0), np.int32(held), ffn_in)
             stats.add("compute", time.perf_counter() - t2)
             if not changes:
                 return out
-            size, rows, bias = self._read_missing(layer, plan)
-            slot = self.reader.slot
-            self._pending = (layer, slot, self._update_args(layer, plan, size, rows, bias))
+            if fits:  # one read; the moves and appends wait for the next layer's read
+                size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
+                rows, bias = self._read_staged(layer, plan.missing, size)
+                self._pending = (layer, self.reader.slot,
+                                 self._update_args(layer, plan, size, rows, bias))
+                return self._ffn_new(plan.missing.size, rows, bias, ffn_in, out)
+            # more than one update's worth (the first tokens): moves now, then each part's
+            # append right after its read, none waited for
             t3 = time.perf_counter()
-            if plan.missing.size:
-                out = _ffn_rows(rows, bias, jnp.int32(plan.missing.size), ffn_in, out)
-                self._used(slot, out)
-            stats.add("compute", time.perf_counter() - t3)
+            self._move(layer, plan)
+            stats.add("memory", time.perf_counter() - t3)
+            first = int(plan.append_slots[0]) if plan.missing.size else 0
+            for start in range(0, plan.missing.size, chunk):
+                part = plan.missing[start:start + chunk]
+                rows, bias = self._read_staged(layer, part, bucket_for(part.size, self.sizes))
+                out = self._ffn_new(part.size, rows, bias, ffn_in, out)
+                t3 = time.perf_counter()
+                self.buffers[layer] = append_rows(self.buffers[layer], np.int32(first + start),
+                                                  rows, bias)
+                self._used(self.reader.slot, self._buffer_done(layer))
+                stats.add("memory", time.perf_counter() - t3)
             return out
         self._flush()
-        buf = self.buffers[layer]
         if fits:  # the read, then one dispatch for the moves and appends
             stats.add("memory", time.perf_counter() - t1)
             if changes:
-                size, rows, bias = self._read_missing(layer, plan)
+                size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
+                rows, bias = self._read_staged(layer, plan.missing, size)
                 t2 = time.perf_counter()
-                buf = update_rows(buf, *self._update_args(layer, plan, size, rows, bias))
-                jax.block_until_ready(buf)  # so nothing reads the staging rows any more
+                self.buffers[layer] = update_rows(
+                    self.buffers[layer], *self._update_args(layer, plan, size, rows, bias))
+                jax.block_until_ready(self.buffers[layer])  # nothing reads the staging rows now
                 stats.add("memory", time.perf_counter() - t2)
         else:
-            for start in range(0, plan.holes.size, chunk):
-                holes = plan.holes[start:start + chunk]
-                size = bucket_for(holes.size, self.sizes)
-                buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
-                                pad(plan.movers[start:start + chunk], size, 0))
+            self._move(layer, plan)
+            jax.block_until_ready(self.buffers[layer])
             stats.add("memory", time.perf_counter() - t1)
-            buf = self._append(layer, buf, plan.missing,
-                               int(plan.append_slots[0]) if plan.missing.size else 0)
-        self.buffers[layer] = buf
+            self.buffers[layer] = self._append(layer, self.buffers[layer], plan.missing,
+                                               int(plan.append_slots[0]) if plan.missing.size
+                                               else 0)
         t2 = time.perf_counter()
-        out = _ffn_part(buf, jnp.int32(0), jnp.int32(self.caches[layer].n), ffn_in,
-                        jnp.zeros_like(ffn_in))
-        if not self.options.overlap:
-            out.block_until_ready()
+        out = _ffn_part(self.buffers[layer], np.int32(0), np.int32(self.caches[layer].n), ffn_in)
+        out.block_until_ready()
         stats.add("compute", time.perf_counter() - t2)
+        return out
+
+    def _move(self, layer: int, plan) -> None:
+        """The plan's row moves, ``update_rows`` at a time (dispatched, not waited for)."""
+        chunk, buf = self._memory.update_rows, self.buffers[layer]
+        for start in range(0, plan.holes.size, chunk):
+            holes = plan.holes[start:start + chunk]
+            size = bucket_for(holes.size, self.sizes)
+            buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
+                            pad(plan.movers[start:start + chunk], size, 0))
+        self.buffers[layer] = buf
+
+    def _ffn_new(self, count: int, rows, bias, ffn_in, out):
+        """out + the FFN over the first ``count`` rows just read (from the staging buffer)."""
+        if not count:
+            return out
+        t0 = time.perf_counter()
+        out = _ffn_rows(rows, bias, np.int32(count), ffn_in, out)
+        self._used(self.reader.slot, out)
+        self.stats.add("compute", time.perf_counter() - t0)
         return out
 
     def pinned_rows(self, layer: int) -> int:
@@ -497,7 +527,7 @@ class FlashModel(Model):
         out = jnp.zeros_like(ffn_in)
         t0 = time.perf_counter()
         if pinned:  # with overlap, runs under the first streamed read
-            out = _ffn_part(self.buffers[layer], jnp.int32(0), jnp.int32(pinned), ffn_in, out)
+            out = _ffn_part(self.buffers[layer], np.int32(0), np.int32(pinned), ffn_in, out)
             if not self.options.overlap:
                 out.block_until_ready()
         self.stats.add("compute", time.perf_counter() - t0)
@@ -508,10 +538,10 @@ class FlashModel(Model):
             self.buffers[layer] = buf
             t0 = time.perf_counter()
             if pinned:  # only the streamed window, not the pinned rows again
-                out = _ffn_window(buf, jnp.int32(pinned), jnp.int32(pinned + count), ffn_in, out,
+                out = _ffn_window(buf, np.int32(pinned), np.int32(pinned + count), ffn_in, out,
                                   chunk)
             else:
-                out = _ffn_part(buf, jnp.int32(0), jnp.int32(count), ffn_in, out)
+                out = _ffn_part(buf, np.int32(0), np.int32(count), ffn_in, out)
             if not self.options.overlap:  # else it runs under the next chunk's read
                 out.block_until_ready()
             self.stats.add("compute", time.perf_counter() - t0)

@@ -22,7 +22,10 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     result = json.loads((tmp_path / "b.json").read_text())
     configs = result["configs"]
     assert list(configs) == ["naive", "hybrid", "predictor", "predictor+window unbundled",
-                             "predictor+window"]
+                             "predictor+window, no overlap", "predictor+window"]
+    # the same rows whether reads overlap device work or not
+    assert configs["predictor+window, no overlap"]["rows_loaded_per_token"] == \
+        configs["predictor+window"]["rows_loaded_per_token"]
     # unbundled: the same rows, from two arrays
     assert configs["predictor+window unbundled"]["flash_bytes_per_token"] == \
         configs["predictor+window"]["flash_bytes_per_token"]

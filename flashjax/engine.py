@@ -8,7 +8,7 @@ byte counted.
 
 With ``overlap`` (the default) the device works while the host reads: the FFN over the rows a
 layer already holds is dispatched before its missing rows are read, the rows just read go
-through the FFN straight from their device copy, and the layer's moves and appends are
+through the FFN straight from the staging buffer, and the layer's moves and appends are
 dispatched only when the next layer starts its read, so they run under that read instead of
 before the next attention. jax dispatches asynchronously and XLA:CPU runs one computation at
 a time, in order, so this ordering is what puts device work under I/O. The phases are then
@@ -133,8 +133,8 @@ def _ffn_window(buf: NeuronBuffer, first, n_live, ffn_in, acc, size: int):
 
 @jax.jit
 def _ffn_rows(rows, bias, count, ffn_in, acc):
-    """acc + the FFN over the first ``count`` of bundle rows [S, 2D] just read (the device copy
-    of the staging buffer, storage dtype); rows past ``count`` are stale and masked."""
+    """acc + the FFN over the first ``count`` of bundle rows [S, 2D] just read (staging rows,
+    storage dtype); rows past ``count`` are stale and masked."""
     d = ffn_in.shape[-1]
     live = jnp.arange(rows.shape[0]) < count
     rows = jnp.where(live[:, None], rows.astype(ffn_in.dtype), 0)
@@ -396,9 +396,9 @@ class FlashModel(Model):
         return buf
 
     def _read_staged(self, layer: int, ids: np.ndarray, size: int
-                     ) -> tuple[jax.Array, jax.Array]:
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Read bundle rows ``ids`` (at most ``update_rows``) into the next staging buffer;
-        returns them padded to ``size`` rows, and their fc1 biases, as jax arrays."""
+        returns them padded to ``size`` rows (``_staged``) and their padded fc1 biases."""
         stats = self.stats
         self._claim_slot()
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ HELDOUT=${HELDOUT:-data/corpus/heldout.txt}  # the held-out split of scripts/mak
 flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --json "$OUT/shipped.json" \
     --plots "$OUT/shipped"
 
-declare -A ARGS=([opt-1.3b]="--tokens 8 --windows 1,4,8" [opt-6.7b]="--tokens 6 --windows 1,4")
+declare -A ARGS=([opt-1.3b]="--tokens 8 --windows 1,4,8 --device-seconds 1.5" [opt-6.7b]="--tokens 6 --windows 1,4")
 for preset in opt-1.3b opt-6.7b; do
     dir="$WORK/$preset"
     if [ ! -f "$dir/fj/manifest.json" ]; then
@@ -35,4 +35,5 @@ for preset in opt-1.3b opt-6.7b; do
         --prompt-tokens 2 ${ARGS[$preset]} --json "$OUT/$preset.json" \
         --plots "$OUT/$preset"
 done
-python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" > "$OUT/reader_overhead.txt"
+python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 8,32,128,375,1024 > "$OUT/reader_overhead.txt"
+python scripts/reader_overhead.py "$WORK/opt-1.3b/fj" --rows 8,32,128,208,512 > "$OUT/reader_overhead-opt-1.3b.txt"

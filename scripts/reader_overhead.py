@@ -6,7 +6,10 @@ For each batch size, reads that many random rows of random layers (sorted ids, a
 asks for them) 1) with ``FlashReader.read`` (one TensorStore read per batch, O_DIRECT) and
 2) with ``os.preadv`` of each row's blocks on a 32-thread pool, straight from the shard file at
 the offsets its shard index gives. Both bypass the page cache; the storage bytes each read
-(``/proc/self/io``) are printed as a ratio to the rows' bytes. Medians over ``--reps``.
+(``/proc/self/io``) are printed as a ratio to the rows' bytes, and the CPU time the whole
+process spent per read (all threads, ``time.process_time``): on a machine with few cores, a
+read whose CPU time approaches its wall time times the cores is bound by the CPU, not the
+device. Medians over ``--reps``.
 """
 
 import argparse
@@ -55,26 +58,28 @@ def main():
 
     rng = np.random.default_rng(0)
     print(f"{args.model_dir}: rows of {rb} B, {args.threads} threads, O_DIRECT")
-    print(f"{'rows':>6} {'tensorstore ms':>15} {'GB/s':>6} {'storage x':>9} "
-          f"{'preadv ms':>10} {'GB/s':>6} {'storage x':>9} {'ts/preadv':>10}")
+    print(f"{'rows':>6} {'tensorstore ms':>15} {'GB/s':>6} {'storage x':>9} {'CPU ms':>7} "
+          f"{'preadv ms':>10} {'GB/s':>6} {'storage x':>9} {'CPU ms':>7} {'ts/preadv':>10}")
     for size in sizes:
         res = {}
         for name, fn in (("ts", lambda layer, ids: reader.read(layer, ids)),
                          ("pread", pread_rows)):
-            times = []
+            times, cpu = [], []
             s0 = storage_read_bytes()
             for rep in range(args.reps):
                 layer = int(rng.integers(layers))
                 ids = np.sort(rng.choice(n, size, replace=False)).astype(np.int32)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn(layer, ids)
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
             storage = storage_read_bytes() - s0
             med = float(np.median(times))
-            res[name] = (med * 1e3, size * rb / med / 1e9, storage / (args.reps * size * rb))
+            res[name] = (med * 1e3, size * rb / med / 1e9, storage / (args.reps * size * rb),
+                         float(np.median(cpu)) * 1e3)
         ts_, pr = res["ts"], res["pread"]
-        print(f"{size:>6} {ts_[0]:>15.2f} {ts_[1]:>6.3f} {ts_[2]:>9.2f} {pr[0]:>10.2f} "
-              f"{pr[1]:>6.3f} {pr[2]:>9.2f} {ts_[0] / pr[0]:>10.2f}")
+        print(f"{size:>6} {ts_[0]:>15.2f} {ts_[1]:>6.3f} {ts_[2]:>9.2f} {ts_[3]:>7.2f} "
+              f"{pr[0]:>10.2f} {pr[1]:>6.3f} {pr[2]:>9.2f} {pr[3]:>7.2f} {ts_[0] / pr[0]:>10.2f}")
 
 
 if __name__ == "__main__":

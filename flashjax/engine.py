@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

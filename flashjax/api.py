@@ -215,7 +215,8 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer], dtype)))
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads,
-                         bundled=options.bundled, slots=2 if options.overlap else 1)
+                         bundled=options.bundled, slots=2 if options.overlap else 1,
+                         io_uring=options.io_uring)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
                       oracle=oracle, predictors=predictors, trace=trace,
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

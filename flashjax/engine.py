@@ -58,6 +58,7 @@ class EngineOptions:
     bundled: bool = True  # False: read up and down halves from the unbundled copy (benchmarks)
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
     overlap: bool = True  # buffer updates and FFN work run while the next rows are read
+    io_uring: bool | None = None  # row sets read through io_uring (None: where it can be)
 
 
 # -- jitted pieces: every layer has the same shapes, so each compiles once ---------------------

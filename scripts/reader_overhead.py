@@ -1,11 +1,12 @@
-"""Where a row read's time goes: the engine's TensorStore batched read against bare preads.
+"""Where a row read's time goes: the engine's row-set reads against bare preads.
 
     python scripts/reader_overhead.py MODEL_DIR [--rows 8,32,128,512,1024] [--reps 30]
 
 For each batch size, reads that many random rows of random layers (sorted ids, as the engine
-asks for them) 1) with ``FlashReader.read`` (one TensorStore read per batch, O_DIRECT) and
-2) with ``os.preadv`` of each row's blocks on a 32-thread pool, straight from the shard file at
-the offsets its shard index gives. Both bypass the page cache; the storage bytes each read
+asks for them) 1) with ``FlashReader.read`` through TensorStore (one batched read, O_DIRECT),
+2) with ``FlashReader.read`` through io_uring, where the store and system allow it, and 3) with
+``os.preadv`` of each row's blocks on a 32-thread pool, straight from the shard file at the
+offsets its shard index gives. Both bypass the page cache; the storage bytes each read
 (``/proc/self/io``) are printed as a ratio to the rows' bytes, and the CPU time the whole
 process spent per read (all threads, ``time.process_time``): on a machine with few cores, a
 read whose CPU time approaches its wall time times the cores is bound by the CPU, not the
@@ -38,7 +39,9 @@ def main():
     cfg, rb = manifest.config, manifest.row_bytes
     n, layers = cfg.ffn_dim, cfg.num_hidden_layers
     reader = FlashReader(args.model_dir, manifest, max_rows=max(sizes), direct_io=True,
-                         concurrency=args.threads)
+                         concurrency=args.threads, io_uring=False)
+    ring = FlashReader(args.model_dir, manifest, max_rows=max(sizes), direct_io=True,
+                       concurrency=args.threads)
     dirs = [os.path.join(args.model_dir, bundles.FFN_DIR, bundles.layer_key(i))
             for i in range(layers)]
     offsets = [shard_row_offsets(Path(d), n, rb) for d in dirs]
@@ -57,13 +60,17 @@ def main():
         list(pool.map(one, range(len(ids))))
 
     rng = np.random.default_rng(0)
-    print(f"{args.model_dir}: rows of {rb} B, {args.threads} threads, O_DIRECT")
-    print(f"{'rows':>6} {'tensorstore ms':>15} {'GB/s':>6} {'storage x':>9} {'CPU ms':>7} "
-          f"{'preadv ms':>10} {'GB/s':>6} {'storage x':>9} {'CPU ms':>7} {'ts/preadv':>10}")
+    methods = {"tensorstore": lambda layer, ids: reader.read(layer, ids)}
+    if ring.uses_io_uring:
+        methods["io_uring"] = lambda layer, ids: ring.read(layer, ids)
+    methods["preadv"] = pread_rows
+    print(f"{args.model_dir}: rows of {rb} B, {args.threads} reads in flight, O_DIRECT; "
+          f"per method: ms, GB/s, storage bytes / row bytes, CPU ms (all threads)")
+    print(f"{'rows':>6}" + "".join(f" | {name:>11} {'GB/s':>6} {'stor.x':>6} {'CPU ms':>7}"
+                                   for name in methods))
     for size in sizes:
-        res = {}
-        for name, fn in (("ts", lambda layer, ids: reader.read(layer, ids)),
-                         ("pread", pread_rows)):
+        line = f"{size:>6}"
+        for fn in methods.values():
             times, cpu = [], []
             s0 = storage_read_bytes()
             for rep in range(args.reps):
@@ -75,11 +82,9 @@ def main():
                 cpu.append(time.process_time() - c0)
             storage = storage_read_bytes() - s0
             med = float(np.median(times))
-            res[name] = (med * 1e3, size * rb / med / 1e9, storage / (args.reps * size * rb),
-                         float(np.median(cpu)) * 1e3)
-        ts_, pr = res["ts"], res["pread"]
-        print(f"{size:>6} {ts_[0]:>15.2f} {ts_[1]:>6.3f} {ts_[2]:>9.2f} {ts_[3]:>7.2f} "
-              f"{pr[0]:>10.2f} {pr[1]:>6.3f} {pr[2]:>9.2f} {pr[3]:>7.2f} {ts_[0] / pr[0]:>10.2f}")
+            line += (f" | {med * 1e3:>11.2f} {size * rb / med / 1e9:>6.3f} "
+                     f"{storage / (args.reps * size * rb):>6.2f} {np.median(cpu) * 1e3:>7.2f}")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,10 @@ straight from the shard file, located through the shard index (zarr v3 ``shardin
 index at the end: ``(offset, nbytes)`` little-endian uint64 per chunk), in 1 MiB pieces on a
 thread pool, the way the device reads fastest.
 
-Row sets can take a third path: where the rows are whole 4 KiB blocks at block-aligned offsets
-(float16 bundles of width >= 1024) and Linux io_uring is available (``uring_api``), each row's
-read is queued on one io_uring ring, straight into the staging buffer, ``concurrency`` in
-flight. TensorStore spends ~20-25 us of CPU per row it reads (its per-chunk machinery and a
+Row sets can take a third path: where the rows are whole 4 KiB blocks at block-aligned
+offsets (float16 bundles of a width that is a multiple of 1024) and Linux io_uring is
+available (``uring_api``), each row's read is queued on one io_uring ring, straight into the
+staging buffer, ``concurrency`` in flight. TensorStore spends ~20-25 us of CPU per row it reads (its per-chunk machinery and a
 thread per read); the ring needs ~4 us, which matters on a machine with few cores, above all
 while the engine's device work runs under the reads.
 """

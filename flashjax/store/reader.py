@@ -222,6 +222,9 @@ class FlashReader:
         return self._fds[layer]
 
     def close(self) -> None:
+        if self._uring is not None:
+            self._uring.close()
+            self._uring = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

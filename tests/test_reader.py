@@ -106,3 +106,17 @@ def test_io_uring_refused_with_the_reason(store):
     with pytest.raises(ValueError, match=r"io_uring reads requested, but .*(256 B|not)"):
         FlashReader(store, manifest, max_rows=8, io_uring=True)
     assert not FlashReader(store, manifest, max_rows=8).uses_io_uring  # auto: falls back
+
+
+@pytest.mark.skipif(not _uring_usable(), reason="io_uring (uring_api) not available here")
+def test_io_uring_read_failure_is_reported_and_the_ring_stays_usable(block_store):
+    manifest = Manifest.read(block_store)
+    ring = FlashReader(block_store, manifest, max_rows=64, concurrency=8, io_uring=True)
+    ids = np.arange(40, dtype=np.int32)
+    past_end = np.full(512, 1 << 40, np.int64)  # every row "stored" far past the file's end
+    past_end[::2] = ring._uring_offsets(0)[::2]  # half of them real: a mix in flight
+    with pytest.raises(OSError, match="short read"):
+        ring._read_uring(0, ids, past_end)
+    disk = bundles.read_layer(block_store, 0)
+    np.testing.assert_array_equal(ring.read(0, ids), disk[ids])  # nothing left in the ring
+    ring.close()

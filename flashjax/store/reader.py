@@ -15,9 +15,9 @@ thread pool, the way the device reads fastest.
 Row sets can take a third path: where the rows are whole 4 KiB blocks at block-aligned
 offsets (float16 bundles of a width that is a multiple of 1024) and Linux io_uring is
 available (``uring_api``), each row's read is queued on one io_uring ring, straight into the
-staging buffer, ``concurrency`` in flight. TensorStore spends ~20-25 us of CPU per row it reads (its per-chunk machinery and a
-thread per read); the ring needs ~4 us, which matters on a machine with few cores, above all
-while the engine's device work runs under the reads.
+staging buffer, ``concurrency`` in flight. TensorStore spends ~25-45 us of CPU per row it
+reads (its per-chunk machinery and a thread per read); the ring needs ~6-7 us, which matters
+on a machine with few cores, above all while the engine's device work runs under the reads.
 """
 
 from __future__ import annotations
@@ -286,19 +286,19 @@ class FlashReader:
         ``concurrency`` reads in flight (each row a whole number of aligned blocks)."""
         fd, rb, view, ring = self._fd(layer), self.row_bytes, self._staging_view, self._uring
         where = offsets[ids]
-        count, queued, done = len(ids), 0, 0
-        while done < count:
-            while queued < count and queued - done < self._threads:
+        count, queued, done, error = len(ids), 0, 0, None
+        # after a failed read nothing more is queued, but what is in flight is waited for
+        while done < queued or (error is None and queued < count):
+            while error is None and queued < count and queued - done < self._threads:
                 ring.prepare_read(fd, view[queued * rb:(queued + 1) * rb], int(where[queued]))
                 queued += 1
             for completion in ring.wait():  # submits what is queued, then waits
-                if completion.res != rb:
+                done += 1
+                if completion.res != rb and error is None:
                     error = (os.strerror(-completion.res) if completion.res < 0
                              else f"short read: {completion.res} of {rb} bytes")
-                    while done + 1 < queued:  # let the others land before giving up
-                        done += len(ring.wait())
-                    raise OSError(error)
-                done += 1
+        if error is not None:
+            raise OSError(error)
 
     def read(self, layer: int, ids) -> np.ndarray:
         """Read rows ``ids`` (sorted ascending int array, or a slice) of ``layer`` into the

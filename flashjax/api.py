@@ -117,7 +117,7 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
                       index=index_fixed + sum(capacities) * 12,
                       buffers=sum(capacities) * (2 * d + 1) * item + slack_bytes,
                       capacities=tuple(capacities), update_rows=int(min(rows, min(capacities))),
-                      slack_rows=slack)
+                      slack_rows=slack, staging_slots=slots)
 
 
 def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors,
@@ -215,7 +215,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
             oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer], dtype)))
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads,
-                         bundled=options.bundled, slots=2 if options.overlap else 1,
+                         bundled=options.bundled, slots=plan.staging_slots,
                          io_uring=options.io_uring)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
                       oracle=oracle, predictors=predictors, trace=trace,

@@ -59,6 +59,7 @@ class MemoryPlan:
     capacities: tuple[int, ...]  # rows of each layer's buffer
     update_rows: int  # most rows read or written in one update
     slack_rows: int = 0  # rows past each buffer's capacity that padded writes may touch
+    staging_slots: int = 1  # staging buffers the reader alternates between (in ``staging``)
 
     @property
     def capacity(self) -> int:

@@ -354,56 +354,44 @@ class FlashModel(Model):
         buffer is not rewritten before it is ready."""
         self._fences[slot].append(result)
 
-    def _buffer_done(self, layer: int) -> jax.Array:
-        """A fence for the last update of ``layer``'s buffer that does not hold the buffer
-        itself (that is donated by the next update)."""
-        return _first_bias(self.buffers[layer])
-
     def _flush(self) -> None:
         """Dispatch the moves and appends deferred by the last overlapped layer."""
         if self._pending is not None:
             layer, slot, args = self._pending
             self._pending = None
             self.buffers[layer] = update_rows(self.buffers[layer], *args)
-            self._used(slot, self._buffer_done(layer))
+            self._used(slot, _first_bias(self.buffers[layer]))
 
     def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int) -> NeuronBuffer:
         """Read bundle rows ``ids`` (sorted array or slice) into the slots from ``first_slot``
         on, at most ``update_rows`` at a time; returns the updated (donated) buffer."""
-        stats, chunk = self.stats, self._memory.update_rows
-        all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if isinstance(ids, slice) \
-            else ids
+        chunk, run = self._memory.update_rows, isinstance(ids, slice)
+        all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if run else ids
         for start in range(0, all_ids.size, chunk):
             part = all_ids[start:start + chunk]
-            self._claim_slot()
+            rows, bias = self._read_staged(layer, part, bucket_for(part.size, self.sizes), run)
             t0 = time.perf_counter()
-            if isinstance(ids, slice):  # a run of consecutive rows: one sequential read
-                self.reader.read_range(layer, int(part[0]), int(part[-1]) + 1)
-            else:
-                self.reader.read(layer, part)
-            stats.rows_per_read.append(int(part.size))
-            t1 = time.perf_counter()
-            stats.add("io", t1 - t0)
-            size = bucket_for(part.size, self.sizes)
             # Rows past part.size are stale staging data; they land in slots past the live ones.
-            buf = append_rows(buf, np.int32(first_slot + start), self._staged(size),
-                              self._padded_bias(layer, part, size))
+            buf = append_rows(buf, np.int32(first_slot + start), rows, bias)
             self._used(self.reader.slot, _first_bias(buf))
             if not self.options.overlap:
                 jax.block_until_ready(buf)
-            stats.add("memory", time.perf_counter() - t1)
-            stats.loaded(int(part.size))
+            self.stats.add("memory", time.perf_counter() - t0)
         return buf
 
-    def _read_staged(self, layer: int, ids: np.ndarray, size: int
+    def _read_staged(self, layer: int, ids: np.ndarray, size: int, run: bool = False
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Read bundle rows ``ids`` (at most ``update_rows``) into the next staging buffer;
-        returns them padded to ``size`` rows (``_staged``) and their padded fc1 biases."""
+        """Read bundle rows ``ids`` (at most ``update_rows``; with ``run``, consecutive ids
+        read as one sequential range) into the next staging buffer; returns them padded to
+        ``size`` rows (``_staged``) and their padded fc1 biases."""
         stats = self.stats
         self._claim_slot()
         t0 = time.perf_counter()
         if ids.size:
-            self.reader.read(layer, ids)
+            if run:
+                self.reader.read_range(layer, int(ids[0]), int(ids[-1]) + 1)
+            else:
+                self.reader.read(layer, ids)
             stats.rows_per_read.append(int(ids.size))
         t1 = time.perf_counter()
         stats.add("io", t1 - t0)
@@ -462,7 +450,7 @@ class FlashModel(Model):
                 t3 = time.perf_counter()
                 self.buffers[layer] = append_rows(self.buffers[layer], np.int32(first + start),
                                                   rows, bias)
-                self._used(self.reader.slot, self._buffer_done(layer))
+                self._used(self.reader.slot, _first_bias(self.buffers[layer]))
                 stats.add("memory", time.perf_counter() - t3)
             return out
         self._flush()

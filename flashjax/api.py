@@ -17,6 +17,7 @@ from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
 from flashjax.store.load import load_tokenizer, read_dense_ffn, read_dram, split_bundles
 from flashjax.store.manifest import DTYPE_BYTES, Manifest
+from flashjax.store.reader import block_span
 
 log = logging.getLogger(__name__)
 MIN_CAPACITY = 32  # fewer resident rows per layer than this is not a useful configuration
@@ -94,7 +95,11 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             rows //= 2
     rows = min(n, rows)
     staging = slots * rows * manifest.row_bytes
-    workspace = rows * update_row
+    # plus the io_uring reader's scratch where rows are not whole blocks: one span of blocks per
+    # read in flight, as many as reader_threads within 1/32 of the budget
+    span = block_span(manifest.row_bytes, options.bundled)
+    block_slots = min(options.reader_threads, max(1, budget // 32 // span)) if span else 0
+    workspace = rows * update_row + block_slots * span
     # per row of capacity, in every layer: up + down rows and bias, slot id and last use
     layer_row = (2 * d + 1) * item + 4 + 8
     per_row = layers * layer_row
@@ -117,7 +122,8 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
                       index=index_fixed + sum(capacities) * 12,
                       buffers=sum(capacities) * (2 * d + 1) * item + slack_bytes,
                       capacities=tuple(capacities), update_rows=int(min(rows, min(capacities))),
-                      slack_rows=slack, staging_slots=slots)
+                      slack_rows=slack, staging_slots=slots,
+                      block_slots=block_slots)
 
 
 def _choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, predictors,
@@ -216,6 +222,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads,
                          bundled=options.bundled, slots=plan.staging_slots,
+                         block_slots=plan.block_slots or None,
                          io_uring=options.io_uring)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
                       oracle=oracle, predictors=predictors, trace=trace,

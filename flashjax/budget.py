@@ -60,6 +60,8 @@ class MemoryPlan:
     update_rows: int  # most rows read or written in one update
     slack_rows: int = 0  # rows past each buffer's capacity that padded writes may touch
     staging_slots: int = 1  # staging buffers the reader alternates between (in ``staging``)
+    block_slots: int = 0  # io_uring scratch blocks for rows that are not whole blocks (in
+    #                       ``workspace``): reads of such rows in flight at once
 
     @property
     def capacity(self) -> int:

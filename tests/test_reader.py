@@ -1,4 +1,5 @@
-"""The reader's two paths (TensorStore row reads and sequential range reads) give the same rows."""
+"""The reader's paths (TensorStore row reads, io_uring row reads, sequential range reads) give
+the same rows as the store."""
 
 from __future__ import annotations
 
@@ -101,22 +102,74 @@ def test_io_uring_row_reads_equal_the_stored_rows(block_store):
 
 
 def test_io_uring_refused_with_the_reason(store):
-    """Rows smaller than a block cannot be read by io_uring straight into the staging rows."""
+    """io_uring serves O_DIRECT reads; asked for it with buffered reads, the reader says so."""
     manifest = Manifest.read(store)
-    with pytest.raises(ValueError, match=r"io_uring reads requested, but .*(256 B|not)"):
-        FlashReader(store, manifest, max_rows=8, io_uring=True)
-    assert not FlashReader(store, manifest, max_rows=8).uses_io_uring  # auto: falls back
+    with pytest.raises(ValueError, match=r"io_uring reads requested, but .*O_DIRECT"):
+        FlashReader(store, manifest, max_rows=8, io_uring=True, direct_io=False)
+    assert not FlashReader(store, manifest, max_rows=8, direct_io=False).uses_io_uring
+
+
+# bundle widths: 256 B rows (16 to a block), 384 B rows (some straddle two blocks), 6 KiB rows
+# (every other one straddles); and unbundled, halves of 128 B, 192 B and 3 KiB
+@pytest.fixture(scope="module", params=[64, 96, 1536])
+def odd_store(request, tmp_path_factory):
+    cfg = tiny_opt_config(hidden_size=request.param, ffn_dim=700, num_hidden_layers=2,
+                          num_attention_heads=4, vocab_size=64, max_position_embeddings=64)
+    path = synthetic_store(tmp_path_factory.mktemp(f"odd{request.param}"), cfg, seed=5)
+    bundles.write_split(path)
+    return path
+
+
+@pytest.mark.skipif(not _uring_usable(), reason="io_uring (uring_api) not available here")
+@pytest.mark.parametrize("bundled", [True, False])
+def test_io_uring_reads_rows_smaller_or_unaligned_through_whole_blocks(odd_store, bundled):
+    """Rows that are not whole aligned blocks: read as the blocks holding them into the scratch
+    ring, then copied; the same bytes as the store, whatever their mix of shared blocks."""
+    manifest = Manifest.read(odd_store)
+    rings = [FlashReader(odd_store, manifest, max_rows=700, concurrency=4, io_uring=True,
+                         bundled=bundled, slots=2, block_slots=slots) for slots in (None, 1)]
+    for ring in rings:  # 4 scratch blocks in flight, or 1
+        assert ring.uses_io_uring and not any(s.direct for s in ring._uring_sources(0))
+    rng = np.random.default_rng(1)
+    for layer in range(2):
+        disk = bundles.read_layer(odd_store, layer)
+        for ids in (np.arange(3), np.arange(690, 700), np.arange(0, 700, 3), np.arange(700),
+                    *(np.sort(rng.choice(700, k, replace=False)) for k in (1, 5, 40, 333))):
+            for ring in rings:
+                ring.next_slot()
+                np.testing.assert_array_equal(ring.read(layer, ids.astype(np.int32)), disk[ids])
+    for ring in rings:
+        ring.close()
+
+
+@pytest.mark.skipif(not _uring_usable(), reason="io_uring (uring_api) not available here")
+def test_io_uring_reads_unbundled_whole_block_halves(tmp_path):
+    """2048-wide float16 bundles unbundled: 4 KiB halves, each read straight into its half of
+    the staging row."""
+    cfg = tiny_opt_config(hidden_size=2048, ffn_dim=300, num_hidden_layers=2,
+                          num_attention_heads=8, vocab_size=64, max_position_embeddings=64)
+    store = synthetic_store(tmp_path, cfg, seed=6)
+    bundles.write_split(store)
+    manifest = Manifest.read(store)
+    ring = FlashReader(store, manifest, max_rows=300, concurrency=8, io_uring=True,
+                       bundled=False)
+    assert [s.direct for s in ring._uring_sources(1)] == [True, True]
+    disk = bundles.read_layer(store, 1)
+    for ids in (np.arange(0, 300), np.sort(np.random.default_rng(2).choice(300, 77, False))):
+        np.testing.assert_array_equal(ring.read(1, ids.astype(np.int32)), disk[ids])
+    ring.close()
 
 
 @pytest.mark.skipif(not _uring_usable(), reason="io_uring (uring_api) not available here")
 def test_io_uring_read_failure_is_reported_and_the_ring_stays_usable(block_store):
     manifest = Manifest.read(block_store)
     ring = FlashReader(block_store, manifest, max_rows=64, concurrency=8, io_uring=True)
-    ids = np.arange(40, dtype=np.int32)
+    ids = np.arange(0, 80, 2, dtype=np.int32)  # not consecutive: one read per row
     past_end = np.full(512, 1 << 40, np.int64)  # every row "stored" far past the file's end
-    past_end[::2] = ring._uring_offsets(0)[::2]  # half of them real: a mix in flight
+    (source,) = ring._uring_sources(0)
+    past_end[::4] = source.offsets[::4]  # half of the rows read are real: a mix in flight
     with pytest.raises(OSError, match="short read"):
-        ring._read_uring(0, ids, past_end)
+        ring._read_uring(0, ids, [source._replace(offsets=past_end)])
     disk = bundles.read_layer(block_store, 0)
     np.testing.assert_array_equal(ring.read(0, ids), disk[ids])  # nothing left in the ring
     ring.close()

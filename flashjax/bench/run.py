@@ -123,6 +123,7 @@ def run_config(model_dir, budget, options: dict, tokens: int,
         "flash_bytes_read": stats["flash_bytes_read"],
         "storage_bytes_read": stats["storage_bytes_read"],
         "peak_dram_bytes": stats["peak_dram_bytes"],
+        "budget_bytes": stats["dram_budget_bytes"],
         "capacity": stats["capacity"],
         "tokens": len(ids),
     }

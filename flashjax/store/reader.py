@@ -12,12 +12,17 @@ straight from the shard file, located through the shard index (zarr v3 ``shardin
 index at the end: ``(offset, nbytes)`` little-endian uint64 per chunk), in 1 MiB pieces on a
 thread pool, the way the device reads fastest.
 
-Row sets can take a third path: where the rows are whole 4 KiB blocks at block-aligned
-offsets (float16 bundles of a width that is a multiple of 1024) and Linux io_uring is
-available (``uring_api``), each row's read is queued on one io_uring ring, straight into the
-staging buffer, ``concurrency`` in flight. TensorStore spends ~25-45 us of CPU per row it
-reads (its per-chunk machinery and a thread per read); the ring needs ~6-7 us, which matters
-on a machine with few cores, above all while the engine's device work runs under the reads.
+Row sets can take a third path: where Linux io_uring is available (``uring_api``) and reads
+are O_DIRECT, each row's read is queued on one io_uring ring, ``concurrency`` in flight.
+Rows that are whole 4 KiB blocks at block-aligned offsets (float16 bundles of a width that is
+a multiple of 1024) are read straight into the staging buffer, consecutive rows as one read.
+Smaller or unaligned rows are read as the aligned blocks that hold them, rows sharing a block
+in one read, into a small scratch ring (one ``block_span`` per read in flight, counted in the
+memory budget) from which each row is copied once its read completes. The unbundled
+copy (up and down in separate arrays) is read the same way, one read per half. TensorStore
+spends ~25-45 us of CPU per row it reads (its per-chunk machinery and a thread per read) and
+~0.4 ms per call; the ring needs ~6-7 us per read, which matters on a machine with few cores,
+above all while the engine's device work runs under the reads.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import tensorstore as ts
@@ -55,6 +61,27 @@ def storage_read_bytes() -> int | None:
 
 ALIGN = 4096  # O_DIRECT offsets, sizes and buffers: multiples of the logical block
 PIECE = 1 << 20  # bytes per pread of a long run
+MERGE = 128 << 10  # io_uring: consecutive whole-block rows are read together up to this size
+
+
+def _ceil_blocks(nbytes):
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _max_span(offsets: np.ndarray, size: int) -> int:
+    """The most bytes of whole blocks any one row of ``size`` bytes at ``offsets`` covers."""
+    return int((_ceil_blocks(offsets + size) - offsets // ALIGN * ALIGN).max())
+
+
+def block_span(row_bytes: int, bundled: bool) -> int:
+    """Bytes of one io_uring scratch slot for rows (or unbundled halves) that are not whole
+    blocks, as the converter lays them out (row i at i x its size): the most blocks one row
+    covers; 0 when rows are whole blocks (read straight into the staging rows)."""
+    piece = row_bytes if bundled else row_bytes // 2
+    if piece % ALIGN == 0:
+        return 0
+    period = ALIGN // np.gcd(piece, ALIGN)  # the offsets' pattern within blocks repeats
+    return _max_span(np.arange(period, dtype=np.int64) * piece, piece)
 
 
 def shard_row_offsets(array_dir: Path, n_rows: int, row_bytes: int) -> np.ndarray | None:
@@ -83,6 +110,16 @@ def shard_row_offsets(array_dir: Path, n_rows: int, row_bytes: int) -> np.ndarra
     return offsets
 
 
+class _Source(NamedTuple):
+    """One array io_uring reads rows from: its shard file, each row's offset in it, the bytes
+    per row, where they go in a staging row, and whether they can be read straight there."""
+    fd: int
+    offsets: np.ndarray
+    size: int
+    dest: int
+    direct: bool
+
+
 def _aligned(nbytes: int) -> tuple[mmap.mmap, memoryview]:
     """Anonymous, page-aligned memory (for O_DIRECT), and a writable view of it."""
     buf = mmap.mmap(-1, max(nbytes, 1))
@@ -98,7 +135,8 @@ class FlashReader:
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, max_rows: int, *,
                  direct_io: bool = True, concurrency: int = 32, verify: bool = False,
-                 bundled: bool = True, slots: int = 1, io_uring: bool | None = None):
+                 bundled: bool = True, slots: int = 1, io_uring: bool | None = None,
+                 block_slots: int | None = None):
         cfg = manifest.config
         self.model_dir = Path(model_dir)
         self.row_bytes = manifest.row_bytes
@@ -135,11 +173,16 @@ class FlashReader:
         self._select(0)
         self._threads = concurrency
         self._pool = None
-        self._fds: dict[int, int] = {}
+        self._fds: dict[int | str, int] = {}
         self._offsets: list[np.ndarray | None | bool] = [False] * cfg.num_hidden_layers
         self._scratch = None
         self._uring = self._open_uring(io_uring, concurrency)
-        self._aligned_offsets: dict[int, np.ndarray | None] = {}
+        self._sources: dict[int, list[_Source] | None] = {}
+        self._blocks = None  # io_uring scratch: (memory, bytes per slot), one slot per read
+        self._block_slots = min(concurrency, block_slots or concurrency)
+        span = block_span(self.row_bytes, bundled)
+        if self._uring is not None and span:
+            self._blocks = (np.frombuffer(_aligned(self._block_slots * span)[0], np.uint8), span)
 
     def _open_uring(self, wanted: bool | None, depth: int):
         """An io_uring ring for row-set reads, or None. ``wanted`` None: when usable; True:
@@ -151,10 +194,8 @@ class FlashReader:
             why = "the uring_api package is not installed"
         elif not uring_api.is_available():
             why = "io_uring is not available on this system"
-        elif not (self.bundled and self.direct_io and hasattr(os, "O_DIRECT")):
-            why = "it serves bundled O_DIRECT reads only"
-        elif self.row_bytes % ALIGN:
-            why = f"rows of {self.row_bytes} B are not whole {ALIGN} B blocks"
+        elif not (self.direct_io and hasattr(os, "O_DIRECT")):
+            why = "it serves O_DIRECT reads only"
         if why is None:
             try:
                 return uring_api.Ring(max(64, 2 * depth))
@@ -203,23 +244,45 @@ class FlashReader:
                 self.model_dir / bundles.FFN_DIR / bundles.layer_key(layer), n, self.row_bytes)
         return self._offsets[layer]
 
-    def _uring_offsets(self, layer: int) -> np.ndarray | None:
-        """Row offsets for io_uring reads of ``layer``: None without a ring, or unless every
-        row starts on a block boundary."""
+    def _uring_sources(self, layer: int) -> list[_Source] | None:
+        """Where io_uring reads each row of ``layer`` from: one source per array (the bundle
+        array, or the unbundled up and down arrays), or None without a ring or when a shard is
+        not laid out row after row."""
         if self._uring is None:
             return None
-        if layer not in self._aligned_offsets:
-            offsets = self._row_offsets(layer)
-            ok = offsets is not None and not (offsets % ALIGN).any()
-            self._aligned_offsets[layer] = offsets if ok else None
-        return self._aligned_offsets[layer]
+        if layer not in self._sources:
+            n = self.stores[layer][0].shape[0]
+            if self.bundled:  # (the fd key: a layer's bundle array, or an array's path)
+                arrays = [(layer, self.row_bytes, 0)]
+            else:
+                half = self.row_bytes // 2
+                arrays = [(a, half, i * half) for i, a in enumerate(bundles.split_arrays(layer))]
+            sources = []
+            for array, size, dest in arrays:
+                offsets = (self._row_offsets(layer) if self.bundled
+                           else shard_row_offsets(self.model_dir / array, n, size))
+                if offsets is None:
+                    sources = None
+                    break
+                direct = size % ALIGN == 0 and dest % ALIGN == 0 and not (offsets % ALIGN).any()
+                sources.append(_Source(self._fd(array), offsets, size, dest, direct))
+            slot = max([_max_span(s.offsets, s.size) for s in sources or [] if not s.direct],
+                       default=0)
+            if slot and (self._blocks is None or slot > self._blocks[1]):  # a layout not the
+                # converter's (rows not at i x row size): a larger scratch than budgeted
+                self._blocks = (np.frombuffer(_aligned(self._block_slots * slot)[0], np.uint8),
+                                slot)
+            self._sources[layer] = sources
+        return self._sources[layer]
 
-    def _fd(self, layer: int) -> int:
-        if layer not in self._fds:
-            path = self.model_dir / bundles.FFN_DIR / bundles.layer_key(layer) / "c" / "0" / "0"
+    def _fd(self, array: int | str) -> int:
+        """An open shard file: a layer's bundle array, or an array path under the model dir."""
+        if array not in self._fds:
+            rel = f"{bundles.FFN_DIR}/{bundles.layer_key(array)}" if isinstance(array, int) \
+                else array
             flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
-            self._fds[layer] = os.open(path, flags)
-        return self._fds[layer]
+            self._fds[array] = os.open(self.model_dir / rel / "c" / "0" / "0", flags)
+        return self._fds[array]
 
     def close(self) -> None:
         if self._uring is not None:
@@ -281,22 +344,79 @@ class FlashReader:
                                where=f"{self.model_dir}/ffn/{bundles.layer_key(layer)}")
         return rows
 
-    def _read_uring(self, layer: int, ids: np.ndarray, offsets: np.ndarray) -> None:
+    def _uring_jobs(self, source: _Source, ids: np.ndarray):
+        """The reads that fetch rows ``ids`` from ``source``: per read its file offset, size,
+        the bytes it must return, and the first and last position in ``ids`` it serves. Direct
+        reads land in the staging rows (consecutive rows together when the source fills whole
+        staging rows); the others read whole blocks (rows that share a block together) into a
+        scratch slot, to be copied out."""
+        where = source.offsets[ids]
+        jobs = []
+        if source.direct:
+            limit = MERGE if source.size == self.row_bytes else source.size
+            first = 0
+            for i in range(1, len(ids) + 1):
+                if (i == len(ids) or ids[i] != ids[i - 1] + 1
+                        or (i - first + 1) * source.size > limit):
+                    size = (i - first) * source.size
+                    jobs.append((int(where[first]), size, size, first, i - 1))
+                    first = i
+            return jobs
+        slot = self._blocks[1]
+        lo = hi = -1
+        first = 0
+        for i, off in enumerate(where.tolist()):
+            start, stop = off - off % ALIGN, _ceil_blocks(off + source.size)
+            if i and start <= hi and stop - lo <= slot:  # shares or touches the read so far
+                hi = max(hi, stop)
+                continue
+            if i:
+                jobs.append((lo, hi - lo, int(where[i - 1]) + source.size - lo, first, i - 1))
+            lo, hi, first = start, stop, i
+        if len(where):
+            jobs.append((lo, hi - lo, int(where[-1]) + source.size - lo, first, len(where) - 1))
+        return jobs
+
+    def _read_uring(self, layer: int, ids: np.ndarray, sources: list[_Source]) -> None:
         """Rows ``ids`` into the staging buffer through the io_uring ring, at most
-        ``concurrency`` reads in flight (each row a whole number of aligned blocks)."""
-        fd, rb, view, ring = self._fd(layer), self.row_bytes, self._staging_view, self._uring
-        where = offsets[ids]
-        count, queued, done, error = len(ids), 0, 0, None
+        ``concurrency`` reads in flight."""
+        rb, ring, depth = self.row_bytes, self._uring, self._threads
+        staging = self._staging_view
+        staging_u8 = self.staging.view(np.uint8).reshape(-1)
+        jobs = [(src, job) for src in sources for job in self._uring_jobs(src, ids)]
+        free = list(range(self._block_slots))  # scratch slots
+        slot_of = {}
+        count, queued, done, error = len(jobs), 0, 0, None
         # after a failed read nothing more is queued, but what is in flight is waited for
         while done < queued or (error is None and queued < count):
-            while error is None and queued < count and queued - done < self._threads:
-                ring.prepare_read(fd, view[queued * rb:(queued + 1) * rb], int(where[queued]))
+            while (error is None and queued < count and queued - done < depth
+                   and (free or jobs[queued][0].direct)):
+                src, (at, size, _, first, _) = jobs[queued]
+                if src.direct:
+                    dest = first * rb + src.dest
+                    buf = staging[dest:dest + size]
+                else:
+                    slot_of[queued] = free.pop()
+                    base = slot_of[queued] * self._blocks[1]
+                    buf = self._blocks[0][base:base + size]
+                ring.prepare_read(src.fd, buf, at, user_data=queued)
                 queued += 1
             for completion in ring.wait():  # submits what is queued, then waits
                 done += 1
-                if completion.res != rb and error is None:
-                    error = (os.strerror(-completion.res) if completion.res < 0
-                             else f"short read: {completion.res} of {rb} bytes")
+                j = completion.user_data
+                src, (at, size, need, first, last) = jobs[j]
+                if completion.res < need:
+                    if error is None:
+                        error = (os.strerror(-completion.res) if completion.res < 0
+                                 else f"short read: {completion.res} of {need} bytes")
+                elif not src.direct and error is None:
+                    base = slot_of[j] * self._blocks[1] - at
+                    for i in range(first, last + 1):
+                        off = int(src.offsets[ids[i]]) + base
+                        dest = i * rb + src.dest
+                        staging_u8[dest:dest + src.size] = self._blocks[0][off:off + src.size]
+                if not src.direct:
+                    free.append(slot_of.pop(j))
         if error is not None:
             raise OSError(error)
 
@@ -309,10 +429,10 @@ class FlashReader:
         count = len(range(*ids.indices(n))) if isinstance(ids, slice) else len(ids)
         if count == 0:
             return self.staging[:0]
-        offsets = self._uring_offsets(layer) if not isinstance(ids, slice) else None
+        sources = self._uring_sources(layer) if not isinstance(ids, slice) else None
         try:
-            if offsets is not None:
-                self._read_uring(layer, np.asarray(ids), offsets)
+            if sources:
+                self._read_uring(layer, np.asarray(ids), sources)
             elif self.bundled:
                 self._staging_ts[0:count].write(stores[0][ids]).result()
             else:

@@ -121,7 +121,7 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
                       staging=staging, workspace=workspace,
                       index=index_fixed + sum(capacities) * 12,
                       buffers=sum(capacities) * (2 * d + 1) * item + slack_bytes,
-                      capacities=tuple(capacities), update_rows=int(min(rows, min(capacities))),
+                      capacities=tuple(capacities), update_rows=int(min(rows, max(capacities))),
                       slack_rows=slack, staging_slots=slots,
                       block_slots=block_slots)
 

@@ -57,7 +57,7 @@ class MemoryPlan:
     index: int  # per-layer slot <-> neuron maps and last-use steps
     buffers: int  # per-layer neuron buffers at full capacity
     capacities: tuple[int, ...]  # rows of each layer's buffer
-    update_rows: int  # most rows read or written in one update
+    update_rows: int  # most rows read or written in one update (in a layer: at most its capacity)
     slack_rows: int = 0  # rows past each buffer's capacity that padded writes may touch
     staging_slots: int = 1  # staging buffers the reader alternates between (in ``staging``)
     block_slots: int = 0  # io_uring scratch blocks for rows that are not whole blocks (in

@@ -18,6 +18,8 @@ import numpy as np
 from flax import struct
 
 NEVER = np.iinfo(np.int64).min // 2  # last-used step of a slot that holds nothing
+_EMPTY = np.zeros(0, np.int32)
+_EMPTY.flags.writeable = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +63,9 @@ class NeuronCache:
         keeps the highest ``scores`` (or the lowest ids when no scores) and counts the rest as
         dropped.
         """
-        needed = np.unique(np.asarray(needed, np.int32))
+        needed = np.asarray(needed, np.int32)
+        if needed.size > 1 and not (needed[1:] > needed[:-1]).all():  # predictors give sorted
+            needed = np.unique(needed)
         dropped = 0
         if needed.size > self.capacity:
             dropped = needed.size - self.capacity
@@ -75,32 +79,40 @@ class NeuronCache:
         self.last_used[slots[hit]] = step
         missing = needed[~hit]
 
-        live_last = self.last_used[:self.n]
-        expired = np.flatnonzero(live_last <= step - window)
-        overflow = self.n - expired.size + missing.size - self.capacity
+        n = self.n
+        live_last = self.last_used[:n]
+        expired = np.flatnonzero(live_last <= step - window).astype(np.int32)
+        overflow = n - expired.size + missing.size - self.capacity
         if overflow > 0:  # the window holds more than fits: drop the least recently needed
             keep = np.flatnonzero(live_last > step - window)
             keep = keep[live_last[keep] < step]  # never the current token's neurons
             oldest = keep[np.argsort(live_last[keep], kind="stable")[:overflow]]
-            expired = np.sort(np.concatenate([expired, oldest]))
-        evicted = self.slot_ids[expired].copy()
+            expired = np.sort(np.concatenate([expired, oldest.astype(np.int32)]))
+        new_n = n - expired.size
+        if expired.size:
+            evicted = self.slot_ids[expired]
+            # expired slots below the new end are holes, filled by the live rows past it
+            inside = int(np.searchsorted(expired, new_n))
+            holes = expired[:inside]
+            stays = np.ones(n - new_n, bool)
+            stays[expired[inside:] - new_n] = False
+            movers = np.flatnonzero(stays).astype(np.int32) + np.int32(new_n)
+            self.slot_of[evicted] = -1
+            moved = self.slot_ids[movers]
+            self.slot_ids[holes] = moved
+            self.last_used[holes] = self.last_used[movers]
+            self.slot_of[moved] = holes
+            self.slot_ids[new_n:n] = -1
+            self.last_used[new_n:n] = NEVER
+        else:
+            evicted = holes = movers = _EMPTY
 
-        new_n = self.n - expired.size
-        holes = expired[expired < new_n].astype(np.int32)
-        tail = np.arange(new_n, self.n, dtype=np.int32)
-        movers = np.setdiff1d(tail, expired, assume_unique=True).astype(np.int32)
-        self.slot_of[evicted] = -1
-        self.slot_ids[holes] = self.slot_ids[movers]
-        self.last_used[holes] = self.last_used[movers]
-        self.slot_of[self.slot_ids[holes]] = holes
-        self.slot_ids[new_n:self.n] = -1
-        self.last_used[new_n:self.n] = NEVER
-
-        append_slots = np.arange(new_n, new_n + missing.size, dtype=np.int32)
-        self.slot_ids[append_slots] = missing
+        end = new_n + missing.size
+        append_slots = np.arange(new_n, end, dtype=np.int32)
+        self.slot_ids[new_n:end] = missing
         self.slot_of[missing] = append_slots
-        self.last_used[append_slots] = step
-        self.n = new_n + missing.size
+        self.last_used[new_n:end] = step
+        self.n = end
         return Plan(holes=holes, movers=movers, append_slots=append_slots, missing=missing,
                     evicted=evicted, dropped=int(dropped))
 
@@ -166,27 +178,39 @@ def update_rows(buf: NeuronBuffer, holes, movers, start, rows, bias) -> NeuronBu
     return append_rows.__wrapped__(move_rows.__wrapped__(buf, holes, movers), start, rows, bias)
 
 
-ROW_STEP = 128  # padded sizes grow by this much beyond it
+ROW_STEP = 128  # the largest step between padded sizes
+
+
+def row_step(update_rows: int) -> int:
+    """The step between padded sizes beyond the powers of two: 1/8 of the largest update, a
+    power of two from 32 to ``ROW_STEP``: fewer sizes to compile for large updates, less padding
+    (and buffer slack) for small ones."""
+    step = 32
+    while step < ROW_STEP and step * 8 <= update_rows:
+        step *= 2
+    return step
 
 
 def buckets(capacity: int, smallest: int = 8) -> list[int]:
-    """Padded sizes for per-token row counts: powers of two up to ``ROW_STEP``, then multiples
-    of it, up to and then ``capacity``. A count is padded by less than ``slack_rows``."""
+    """Padded sizes for per-token row counts: powers of two up to ``row_step(capacity)``, then
+    multiples of it, up to and then ``capacity``. A count is padded by less than
+    ``slack_rows(capacity)``."""
+    step = row_step(capacity)
     sizes, s = [], smallest
-    while s < min(capacity, ROW_STEP):
+    while s < min(capacity, step):
         sizes.append(s)
         s *= 2
-    s = ROW_STEP
+    s = step
     while s < capacity:
         sizes.append(s)
-        s += ROW_STEP
+        s += step
     return sorted(set(sizes)) + [capacity]
 
 
 def slack_rows(update_rows: int) -> int:
     """Rows past a buffer's capacity that padded writes of at most ``update_rows`` rows can
-    touch (a bound on ``bucket_for(c) - c`` over the sizes of ``buckets(update_rows)``)."""
-    return max(0, min(ROW_STEP, update_rows) - 1)
+    touch (a bound on ``bucket_for(c) - c`` over the sizes of ``buckets(u)``, u <= update_rows)."""
+    return max(0, min(row_step(update_rows), update_rows) - 1)
 
 
 def bucket_for(count: int, sizes: list[int]) -> int:

@@ -131,21 +131,42 @@ def _ffn_window(buf: NeuronBuffer, first, n_live, ffn_in, acc, size: int):
     return jax.lax.fori_loop(0, -(-size // piece), body, acc)
 
 
+# A read's small arguments travel in one int32 array ``meta`` of 3 S + 2 entries for S staged
+# rows (``FlashModel._meta``): the neuron ids read, padded with 0; the update's holes, padded
+# out of range, and movers, padded with 0; the count of rows read; the first append slot. Each
+# numpy argument of a jitted call costs ~8 us of dispatch on CPU; the fc1 biases of the rows
+# are gathered on the device from the layer's resident bias vector.
+
+
 @jax.jit
-def _ffn_rows(rows, bias, count, ffn_in, acc):
-    """acc + the FFN over the first ``count`` of bundle rows [S, 2D] just read (staging rows,
-    storage dtype); rows past ``count`` are stale and masked."""
-    d = ffn_in.shape[-1]
-    live = jnp.arange(rows.shape[0]) < count
+def _ffn_rows(rows, meta, fc1_bias, ffn_in, acc):
+    """acc + the FFN over the rows just read (staging rows [S, 2D], storage dtype); rows past
+    the count read are stale and masked."""
+    size, d = rows.shape[0], ffn_in.shape[-1]
+    count = meta[3 * size]
+    live = jnp.arange(size) < count
     rows = jnp.where(live[:, None], rows.astype(ffn_in.dtype), 0)
-    return acc + SparseFFN().apply({}, ffn_in, rows[:, :d], rows[:, d:],
-                                   bias.astype(ffn_in.dtype), count)
+    bias = fc1_bias[meta[:size]].astype(ffn_in.dtype)
+    return acc + SparseFFN().apply({}, ffn_in, rows[:, :d], rows[:, d:], bias, count)
 
 
-@jax.jit
-def _first_bias(buf: NeuronBuffer):
-    """A scalar that is ready only once ``buf`` is: a fence for the update that made it."""
-    return buf.bias[0]
+@functools.partial(jax.jit, donate_argnums=0)
+def _update_fenced(buf: NeuronBuffer, rows, meta, fc1_bias):
+    """``update_rows`` with the moves and rows of ``meta``, and a scalar ready only once the new
+    buffer is: the fence for the staging rows it read (the buffer itself cannot be one: the
+    next update donates it)."""
+    size = rows.shape[0]
+    buf = update_rows.__wrapped__(buf, meta[size:2 * size], meta[2 * size:3 * size],
+                                  meta[3 * size + 1], rows, fc1_bias[meta[:size]])
+    return buf, buf.bias[0]
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _append_fenced(buf: NeuronBuffer, rows, meta, fc1_bias):
+    """``append_rows`` at the append slot of ``meta``, with its fence as ``_update_fenced``."""
+    size = rows.shape[0]
+    buf = append_rows.__wrapped__(buf, meta[3 * size + 1], rows, fc1_bias[meta[:size]])
+    return buf, buf.bias[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -245,7 +266,9 @@ class FlashModel(Model):
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
         self.buffers = [NeuronBuffer.init(c + plan.slack_rows, cfg.hidden_size, self.dtype)
                         for c in plan.capacities]
-        self.sizes = buckets(plan.update_rows)
+        # each layer's largest update: the plan's update_rows, or the layer's capacity if less
+        self.chunks = [min(plan.update_rows, c) for c in plan.capacities]
+        self.sizes = [buckets(c) for c in self.chunks]  # padded update sizes, per layer
         self.reset()
         self._warm_up()
 
@@ -257,22 +280,23 @@ class FlashModel(Model):
         """Compile the row-update kernels for every padded size now, not while generating."""
         width = self.cfg.bundle_width
         first_of = {c: self._memory.capacities.index(c) for c in set(self._memory.capacities)}
-        first_layer = min(first_of.values())
+        staged = set()  # the FFN over staging rows: once per padded size
         for layer in first_of.values():
             buf = self.buffers[layer]
             out_of_range = buf.up.shape[0]
-            for size in self.sizes:
+            bias = self._fc1_bias(layer)
+            for size in self.sizes[layer]:
                 idx = jnp.full((size,), out_of_range, jnp.int32)  # no moves
                 rows = np.zeros((size, width), self.reader.staging.dtype)
-                bias = np.zeros(size, self.fc1_bias[0].dtype)
+                meta = self._meta(layer, np.zeros(0, np.int32), size)
                 buf = move_rows(buf, idx, jnp.zeros((size,), jnp.int32))
-                buf = append_rows(buf, np.int32(0), rows, bias)  # the buffer holds nothing yet
+                buf, _ = _append_fenced(buf, rows, meta, bias)  # the buffer holds nothing yet
                 if self.options.predictor is not None:
-                    buf = update_rows(buf, idx, jnp.zeros((size,), jnp.int32), np.int32(0),
-                                      rows, bias)
-                    if self.options.overlap and layer == first_layer:
+                    buf, _ = _update_fenced(buf, rows, meta, bias)
+                    if self.options.overlap and size not in staged:
                         x = jnp.zeros((1, 1, self.cfg.hidden_size), self.dtype)  # one sequence
-                        _ffn_rows(rows, bias, np.int32(0), x, x)
+                        _ffn_rows(rows, meta, bias, x, x)
+                        staged.add(size)
             self.buffers[layer] = buf
 
     def reset(self) -> None:
@@ -325,12 +349,23 @@ class FlashModel(Model):
             return self.trace.needed(self.step_count, layer), scores
         return np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32), scores
 
-    def _padded_bias(self, layer: int, ids: np.ndarray, size: int) -> np.ndarray:
-        """fc1 biases of neurons ``ids`` (they go with their rows into the buffer), zero-padded
-        to the update's padded size."""
-        bias = np.zeros(size, self.fc1_bias[layer].dtype)
-        bias[:ids.size] = self.fc1_bias[layer][ids]
-        return bias
+    def _fc1_bias(self, layer: int):
+        """The layer's resident fc1 bias [N] (each row's bias goes with it into the buffer)."""
+        return self.layer_params[layer]["ffn"]["fc1"]["bias"]
+
+    def _meta(self, layer: int, ids: np.ndarray, size: int, plan=None) -> np.ndarray:
+        """The int32 ``meta`` argument (layout above the kernels) for rows ``ids`` staged and
+        padded to ``size``: with ``plan``, also its moves and first append slot."""
+        meta = np.zeros(3 * size + 2, np.int32)
+        meta[:ids.size] = ids
+        meta[size:2 * size] = self.buffers[layer].up.shape[0]  # out of range: no move
+        meta[3 * size] = ids.size
+        if plan is not None:
+            meta[size:size + plan.holes.size] = plan.holes
+            meta[2 * size:2 * size + plan.movers.size] = plan.movers
+            meta[3 * size + 1] = (plan.append_slots[0] if plan.append_slots.size
+                                  else self.caches[layer].n)
+        return meta
 
     def _claim_slot(self) -> None:
         """Move the reader to its next staging buffer, once the device work still using the
@@ -359,31 +394,34 @@ class FlashModel(Model):
         if self._pending is not None:
             layer, slot, args = self._pending
             self._pending = None
-            self.buffers[layer] = update_rows(self.buffers[layer], *args)
-            self._used(slot, _first_bias(self.buffers[layer]))
+            self.buffers[layer], fence = _update_fenced(self.buffers[layer], *args,
+                                                        self._fc1_bias(layer))
+            self._used(slot, fence)
 
     def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int) -> NeuronBuffer:
         """Read bundle rows ``ids`` (sorted array or slice) into the slots from ``first_slot``
-        on, at most ``update_rows`` at a time; returns the updated (donated) buffer."""
-        chunk, run = self._memory.update_rows, isinstance(ids, slice)
+        on, at most the layer's update size at a time; returns the updated (donated) buffer."""
+        chunk, run = self.chunks[layer], isinstance(ids, slice)
         all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if run else ids
         for start in range(0, all_ids.size, chunk):
             part = all_ids[start:start + chunk]
-            rows, bias = self._read_staged(layer, part, bucket_for(part.size, self.sizes), run)
+            rows, meta = self._read_staged(layer, part, bucket_for(part.size, self.sizes[layer]),
+                                          run)
             t0 = time.perf_counter()
             # Rows past part.size are stale staging data; they land in slots past the live ones.
-            buf = append_rows(buf, np.int32(first_slot + start), rows, bias)
-            self._used(self.reader.slot, _first_bias(buf))
+            meta[-1] = first_slot + start
+            buf, fence = _append_fenced(buf, rows, meta, self._fc1_bias(layer))
+            self._used(self.reader.slot, fence)
             if not self.options.overlap:
                 jax.block_until_ready(buf)
             self.stats.add("memory", time.perf_counter() - t0)
         return buf
 
-    def _read_staged(self, layer: int, ids: np.ndarray, size: int, run: bool = False
-                     ) -> tuple[np.ndarray, np.ndarray]:
+    def _read_staged(self, layer: int, ids: np.ndarray, size: int, run: bool = False,
+                     plan=None) -> tuple[np.ndarray, np.ndarray]:
         """Read bundle rows ``ids`` (at most ``update_rows``; with ``run``, consecutive ids
         read as one sequential range) into the next staging buffer; returns them padded to
-        ``size`` rows (``_staged``) and their padded fc1 biases."""
+        ``size`` rows (``_staged``) and their ``meta`` (with ``plan``, its moves too)."""
         stats = self.stats
         self._claim_slot()
         t0 = time.perf_counter()
@@ -395,25 +433,28 @@ class FlashModel(Model):
             stats.rows_per_read.append(int(ids.size))
         t1 = time.perf_counter()
         stats.add("io", t1 - t0)
-        rows, bias = self._staged(size), self._padded_bias(layer, ids, size)
+        rows, meta = self._staged(size), self._meta(layer, ids, size, plan)
         stats.add("memory", time.perf_counter() - t1)
         stats.loaded(int(ids.size))
-        return rows, bias
-
-    def _update_args(self, layer: int, plan, size: int, rows, bias) -> tuple:
-        """``update_rows``' arguments after the buffer: padded moves, first append slot, rows."""
-        capacity = self.buffers[layer].up.shape[0]
-        start = plan.append_slots[0] if plan.append_slots.size else self.caches[layer].n
-        return (pad(plan.holes, size, capacity), pad(plan.movers, size, 0), np.int32(start),
-                rows, bias)
+        return rows, meta
 
     def _cached_layer(self, layer: int, ffn_in, token_valid):
-        stats, chunk = self.stats, self._memory.update_rows
+        stats, chunk = self.stats, self.chunks[layer]
         t0 = time.perf_counter()
         needed, scores = self._predict(layer, ffn_in, token_valid)
         t1 = time.perf_counter()
         stats.add("predictor", t1 - t0)
-        held = self.caches[layer].n  # live slots [0, held) before this token's plan
+        if self.options.overlap:
+            # The FFN over the rows held before this token (those leaving the window too: real
+            # rows of this layer, so the sum only gets closer to the dense FFN) runs while this
+            # token's plan is made and the missing rows are read; the new rows' FFN reads them
+            # from the staging buffer. The last layer's deferred update queues behind it.
+            held = self.caches[layer].n  # live slots [0, held) before this token's plan
+            out = _ffn_part(self.buffers[layer], np.int32(0), np.int32(held), ffn_in)
+            t2 = time.perf_counter()
+            stats.add("compute", t2 - t1)
+            t1 = t2
+            self._flush()
         plan = self.caches[layer].plan(needed, self.step_count, self.options.window, scores)
         stats.rows_evicted += int(plan.evicted.size)
         stats.rows_dropped += plan.dropped
@@ -421,22 +462,14 @@ class FlashModel(Model):
         changes = plan.holes.size or plan.missing.size
         fits = plan.holes.size <= chunk and plan.missing.size <= chunk
         if self.options.overlap:
-            self._flush()
-            t2 = time.perf_counter()
-            stats.add("memory", t2 - t1)
-            # The FFN over the rows held before this token (those leaving the window too: real
-            # rows of this layer, so the sum only gets closer to the dense FFN) runs while the
-            # missing rows are read; the new rows' FFN reads them from the staging buffer.
-            out = _ffn_part(self.buffers[layer], np.int32(0), np.int32(held), ffn_in)
-            stats.add("compute", time.perf_counter() - t2)
+            stats.add("memory", time.perf_counter() - t1)
             if not changes:
                 return out
             if fits:  # one read; the moves and appends wait for the next layer's read
-                size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
-                rows, bias = self._read_staged(layer, plan.missing, size)
-                self._pending = (layer, self.reader.slot,
-                                 self._update_args(layer, plan, size, rows, bias))
-                return self._ffn_new(plan.missing.size, rows, bias, ffn_in, out)
+                size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes[layer])
+                rows, meta = self._read_staged(layer, plan.missing, size, plan=plan)
+                self._pending = (layer, self.reader.slot, (rows, meta))
+                return self._ffn_new(layer, plan.missing.size, rows, meta, ffn_in, out)
             # more than one update's worth (the first tokens): moves now, then each part's
             # append right after its read, none waited for
             t3 = time.perf_counter()
@@ -445,23 +478,25 @@ class FlashModel(Model):
             first = int(plan.append_slots[0]) if plan.missing.size else 0
             for start in range(0, plan.missing.size, chunk):
                 part = plan.missing[start:start + chunk]
-                rows, bias = self._read_staged(layer, part, bucket_for(part.size, self.sizes))
-                out = self._ffn_new(part.size, rows, bias, ffn_in, out)
+                rows, meta = self._read_staged(layer, part, bucket_for(part.size,
+                                                                          self.sizes[layer]))
+                out = self._ffn_new(layer, part.size, rows, meta, ffn_in, out)
                 t3 = time.perf_counter()
-                self.buffers[layer] = append_rows(self.buffers[layer], np.int32(first + start),
-                                                  rows, bias)
-                self._used(self.reader.slot, _first_bias(self.buffers[layer]))
+                meta[-1] = first + start
+                self.buffers[layer], fence = _append_fenced(self.buffers[layer], rows, meta,
+                                                            self._fc1_bias(layer))
+                self._used(self.reader.slot, fence)
                 stats.add("memory", time.perf_counter() - t3)
             return out
         self._flush()
         if fits:  # the read, then one dispatch for the moves and appends
             stats.add("memory", time.perf_counter() - t1)
             if changes:
-                size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes)
-                rows, bias = self._read_staged(layer, plan.missing, size)
+                size = bucket_for(max(plan.holes.size, plan.missing.size), self.sizes[layer])
+                rows, meta = self._read_staged(layer, plan.missing, size, plan=plan)
                 t2 = time.perf_counter()
-                self.buffers[layer] = update_rows(
-                    self.buffers[layer], *self._update_args(layer, plan, size, rows, bias))
+                self.buffers[layer], _ = _update_fenced(self.buffers[layer], rows, meta,
+                                                        self._fc1_bias(layer))
                 jax.block_until_ready(self.buffers[layer])  # nothing reads the staging rows now
                 stats.add("memory", time.perf_counter() - t2)
         else:
@@ -479,20 +514,20 @@ class FlashModel(Model):
 
     def _move(self, layer: int, plan) -> None:
         """The plan's row moves, ``update_rows`` at a time (dispatched, not waited for)."""
-        chunk, buf = self._memory.update_rows, self.buffers[layer]
+        chunk, buf = self.chunks[layer], self.buffers[layer]
         for start in range(0, plan.holes.size, chunk):
             holes = plan.holes[start:start + chunk]
-            size = bucket_for(holes.size, self.sizes)
+            size = bucket_for(holes.size, self.sizes[layer])
             buf = move_rows(buf, pad(holes, size, buf.up.shape[0]),
                             pad(plan.movers[start:start + chunk], size, 0))
         self.buffers[layer] = buf
 
-    def _ffn_new(self, count: int, rows, bias, ffn_in, out):
-        """out + the FFN over the first ``count`` rows just read (from the staging buffer)."""
+    def _ffn_new(self, layer: int, count: int, rows, meta, ffn_in, out):
+        """out + the FFN over the ``count`` rows just read (from the staging buffer)."""
         if not count:
             return out
         t0 = time.perf_counter()
-        out = _ffn_rows(rows, bias, np.int32(count), ffn_in, out)
+        out = _ffn_rows(rows, meta, self._fc1_bias(layer), ffn_in, out)
         self._used(self.reader.slot, out)
         self.stats.add("compute", time.perf_counter() - t0)
         return out
@@ -505,7 +540,7 @@ class FlashModel(Model):
             return 0
         if capacity >= self.cfg.ffn_dim:
             return self.cfg.ffn_dim
-        return max(0, capacity - self._memory.update_rows)
+        return max(0, capacity - self.chunks[layer])
 
     def _stream_layer(self, layer: int, ffn_in):
         """The baselines without a predictor: every row of the layer used for every token.

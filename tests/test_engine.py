@@ -10,7 +10,7 @@ import pytest
 
 import flashjax
 from flashjax import engine
-from flashjax.cache import append_rows, move_rows
+from flashjax.cache import move_rows
 from flashjax.store import bundles
 from flashjax.testing import synthetic_store, tiny_opt_config
 
@@ -158,8 +158,8 @@ def test_no_compilation_after_the_first_token(sparse_model):
     flash = flashjax.load(sparse_model("pre_ln"), dram_budget=0.5, predictor="oracle")
     flash.generate([2, 5], 1)  # the first token: compiles what it needs
     jitted = (engine._embed, engine._attend, engine._ffn_part, engine._ffn_rows, engine._finish,
-              engine._head, engine._first_bias,
-              engine._oracle_scores, move_rows, append_rows)
+              engine._head, engine._update_fenced, engine._append_fenced,
+              engine._oracle_scores, move_rows)
     sizes = [f._cache_size() for f in jitted]
     with jax.no_tracing():  # raises on any new trace
         flash.generate(PROMPT, 20, stop_at_eos=False)

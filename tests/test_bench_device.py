@@ -82,3 +82,28 @@ def test_throughput_at_interpolates_in_log2_chunk():
 def test_rejects_unaligned_chunks(tmp_path):
     with pytest.raises(ValueError, match=r"chunk_sizes \[5000\]"):
         device_limit(tmp_path, chunk_sizes=(5000,), concurrencies=(1,), progress=False)
+
+
+def test_sweep_over_a_set_of_files(tmp_path):
+    """A store's shard files: reads spread over all of them, each chunk inside its file."""
+    sizes = [3 << 20, 1 << 20, (2 << 20) + 4096]
+    files = []
+    for i, size in enumerate(sizes):
+        f = tmp_path / f"shard{i}"
+        f.write_bytes(os.urandom(size))
+        files.append(f)
+    try:
+        result = device_limit(files, chunk_sizes=(4096, 1 << 20), concurrencies=(1, 2),
+                              seconds=0.1, progress=False)
+    except DirectIOUnsupportedError as e:
+        pytest.skip(f"the tmp filesystem refuses O_DIRECT: {e}")
+    assert result["files"] == 3 and result["file"] is None
+    assert result["file_bytes"] == sum(sizes)
+    assert all(p["reads"] > 0 and p["bytes"] == p["reads"] * p["chunk_bytes"]
+               for p in result["points"])
+    with pytest.raises(ValueError, match="largest chunk"):
+        device_limit(files[1:2], chunk_sizes=(2 << 20,), concurrencies=(1,), seconds=0.05,
+                     progress=False)
+    with pytest.raises(FileNotFoundError, match="not files"):
+        device_limit([tmp_path / "absent"], chunk_sizes=(4096,), concurrencies=(1,),
+                     seconds=0.05, progress=False)

@@ -8,6 +8,7 @@ throughput can be put next to what the device can do ("device limit at the bundl
 
 from __future__ import annotations
 
+import bisect
 import errno
 import math
 import mmap
@@ -38,7 +39,8 @@ class DirectIOUnsupportedError(OSError):
 def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT_CONCURRENCIES,
                  seconds=1.0, file_bytes=None, seed=0, allow_page_cache=False, keep=False,
                  progress=True) -> dict:
-    """Measure random-read throughput and latency of the storage holding `path`.
+    """Measure random-read throughput and latency of the storage holding `path` (a file, a
+    list of files, or a directory for a scratch file).
 
     For each (chunk size, concurrency) pair, `concurrency` Python threads issue random,
     chunk-aligned ``os.preadv`` reads of one chunk each into page-aligned buffers for about
@@ -52,8 +54,10 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
     when they fall below 90% of them (e.g. tmpfs accepts ``O_DIRECT`` but has no storage).
 
     Args:
-      path: a file to read (at least the largest chunk), or a directory in which to write a
-        scratch file of random bytes (random so that no compressing or zero-detecting layer
+      path: a file to read (at least the largest chunk); a list of files, each read spread
+        over all of them in proportion to their size (a store's own shard files: the bytes the
+        engine reads, where they lie, under whatever caching the storage does for them); or a
+        directory in which to write a scratch file of random bytes (random so that no compressing or zero-detecting layer
         can shortcut the reads), fsync'd before measuring and deleted afterwards unless `keep`.
         A kept scratch file of the same size is reused.
       chunk_sizes: read sizes in bytes, multiples of 4096.
@@ -82,17 +86,33 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
     if not hasattr(os, "O_DIRECT"):
         raise OSError(f"device_limit needs Linux O_DIRECT; os.O_DIRECT is missing on {os.name}")
     chunk_sizes, concurrencies = _check_sweep(chunk_sizes, concurrencies, seconds)
-    path = Path(path)
+    files = None
+    if isinstance(path, (list, tuple)):
+        files, path = [Path(f) for f in path], Path(os.path.commonpath([str(f) for f in path]))
+    else:
+        path = Path(path)
     scratch = None
-    if path.is_dir():
+    if files is not None:
+        if file_bytes is not None:
+            raise ValueError("file_bytes applies only when path is a directory")
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing or not files:
+            raise FileNotFoundError(f"device_limit: not files: {missing or 'none given'}")
+        sizes = [f.stat().st_size for f in files]
+        file_bytes = sum(sizes)
+        file_note = f"{len(files)} existing files, {_human(file_bytes)}"
+        if max(sizes) < max(chunk_sizes):
+            raise ValueError(f"no file under {path} holds the largest chunk {max(chunk_sizes)}")
+        targets = files
+    elif path.is_dir():
         file_bytes, file_note = _scratch_size(path, file_bytes, max(chunk_sizes))
         scratch = _make_scratch(path, file_bytes, seed, progress)
-        target = scratch
+        targets = [scratch]
     elif path.is_file():
         if file_bytes is not None:
             raise ValueError(f"file_bytes={file_bytes} applies only when path is a directory; "
                              f"{path} is a file")
-        target, file_bytes = path, path.stat().st_size
+        targets, file_bytes = [path], path.stat().st_size
         file_note = f"existing file, {_human(file_bytes)}"
         if file_bytes < max(chunk_sizes):
             raise ValueError(f"{path} holds {file_bytes} bytes, less than the largest chunk "
@@ -101,18 +121,25 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
         raise FileNotFoundError(f"device_limit: {path} is neither a file nor a directory")
 
     try:
-        fd, direct = _open(target, allow_page_cache, min(chunk_sizes))
+        opened = []
         try:
+            for target in targets:
+                opened.append(_open(target, allow_page_cache, min(chunk_sizes)))
+            fds = [fd for fd, _ in opened]
+            direct = all(d for _, d in opened)
+            lengths = [os.fstat(fd).st_size for fd in fds]
             points = []
             sweep = [(c, n) for c in chunk_sizes for n in concurrencies]
             for chunk, conc in tqdm(sweep, desc="device limit", unit="point",
                                     disable=not progress):
                 if not direct:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                points.append(_measure_point(fd, file_bytes // chunk, chunk, conc, seconds,
-                                             seed))
+                    for fd in fds:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                points.append(_measure_point(fds, [n // chunk for n in lengths], chunk, conc,
+                                             seconds, seed))
         finally:
-            os.close(fd)
+            for fd, _ in opened:
+                os.close(fd)
     finally:
         if scratch is not None and not keep:
             scratch.unlink()
@@ -120,12 +147,13 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
     ratios = [p["storage_ratio"] for p in points if p["storage_ratio"] is not None]
     if ratios and min(ratios) < 0.9:
         warnings.warn(f"device_limit: at some points only {min(ratios):.0%} of the bytes read "
-                      f"came from storage ({_filesystem_of(target)}); those reads were served "
+                      f"came from storage ({_filesystem_of(targets[0])}); those reads were served "
                       f"by a cache, so they do not measure the device", stacklevel=2)
     return {
         "path": os.path.abspath(path),
-        "file": os.path.abspath(target),
-        "filesystem": _filesystem_of(target),
+        "file": os.path.abspath(targets[0]) if len(targets) == 1 else None,
+        "files": len(targets),
+        "filesystem": _filesystem_of(targets[0]),
         "direct_io": direct,
         "file_bytes": file_bytes,
         "file_note": file_note,
@@ -304,8 +332,14 @@ def _open(path: Path, allow_page_cache: bool, probe_bytes: int) -> tuple[int, bo
     return fd, False
 
 
-def _measure_point(fd: int, n_chunks: int, chunk: int, concurrency: int, seconds: float,
-                   seed: int) -> dict:
+def _measure_point(fds: list[int], n_chunks: list[int], chunk: int, concurrency: int,
+                   seconds: float, seed: int) -> dict:
+    """``concurrency`` threads reading random chunks, each of file ``fds[i]`` with probability
+    in proportion to its ``n_chunks[i]``, for ``seconds``."""
+    ends = np.cumsum(n_chunks).tolist()  # chunk g lies in the first file whose end exceeds it
+    total = ends[-1]
+    if total == 0:
+        raise ValueError(f"no file holds a chunk of {chunk} bytes")
     barrier = threading.Barrier(concurrency + 1)
     latencies: list[list[int]] = [[] for _ in range(concurrency)]
     errors: list[BaseException] = []
@@ -318,9 +352,11 @@ def _measure_point(fd: int, n_chunks: int, chunk: int, concurrency: int, seconds
             try:
                 barrier.wait()
                 while True:
-                    offset = rng.randrange(n_chunks) * chunk
+                    g = rng.randrange(total)
+                    k = bisect.bisect_right(ends, g)
+                    offset = (g - (ends[k - 1] if k else 0)) * chunk
                     t0 = time.perf_counter_ns()
-                    n = os.preadv(fd, [buf], offset)
+                    n = os.preadv(fds[k], [buf], offset)
                     t1 = time.perf_counter_ns()
                     if n != chunk:
                         raise OSError(f"short read: {n} of {chunk} bytes at offset {offset}")

@@ -398,15 +398,20 @@ class FlashModel(Model):
                                                         self._fc1_bias(layer))
             self._used(slot, fence)
 
-    def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int) -> NeuronBuffer:
+    def _append(self, layer: int, buf: NeuronBuffer, ids, first_slot: int, ffn_in=None,
+                out=None) -> tuple[NeuronBuffer, jax.Array | None]:
         """Read bundle rows ``ids`` (sorted array or slice) into the slots from ``first_slot``
-        on, at most the layer's update size at a time; returns the updated (donated) buffer."""
+        on, at most the layer's update size at a time. With ``ffn_in``, each part's FFN over
+        its staged rows is added to ``out`` before the part is appended (the overlap uses new
+        rows before they are in the buffer). Returns the updated (donated) buffer and ``out``."""
         chunk, run = self.chunks[layer], isinstance(ids, slice)
         all_ids = np.arange(self.cfg.ffn_dim, dtype=np.int32)[ids] if run else ids
         for start in range(0, all_ids.size, chunk):
             part = all_ids[start:start + chunk]
             rows, meta = self._read_staged(layer, part, bucket_for(part.size, self.sizes[layer]),
                                           run)
+            if ffn_in is not None:
+                out = self._ffn_new(layer, part.size, rows, meta, ffn_in, out)
             t0 = time.perf_counter()
             # Rows past part.size are stale staging data; they land in slots past the live ones.
             meta[-1] = first_slot + start
@@ -415,7 +420,7 @@ class FlashModel(Model):
             if not self.options.overlap:
                 jax.block_until_ready(buf)
             self.stats.add("memory", time.perf_counter() - t0)
-        return buf
+        return buf, out
 
     def _read_staged(self, layer: int, ids: np.ndarray, size: int, run: bool = False,
                      plan=None) -> tuple[np.ndarray, np.ndarray]:
@@ -476,17 +481,8 @@ class FlashModel(Model):
             self._move(layer, plan)
             stats.add("memory", time.perf_counter() - t3)
             first = int(plan.append_slots[0]) if plan.missing.size else 0
-            for start in range(0, plan.missing.size, chunk):
-                part = plan.missing[start:start + chunk]
-                rows, meta = self._read_staged(layer, part, bucket_for(part.size,
-                                                                          self.sizes[layer]))
-                out = self._ffn_new(layer, part.size, rows, meta, ffn_in, out)
-                t3 = time.perf_counter()
-                meta[-1] = first + start
-                self.buffers[layer], fence = _append_fenced(self.buffers[layer], rows, meta,
-                                                            self._fc1_bias(layer))
-                self._used(self.reader.slot, fence)
-                stats.add("memory", time.perf_counter() - t3)
+            self.buffers[layer], out = self._append(layer, self.buffers[layer], plan.missing,
+                                                    first, ffn_in, out)
             return out
         self._flush()
         if fits:  # the read, then one dispatch for the moves and appends
@@ -503,9 +499,9 @@ class FlashModel(Model):
             self._move(layer, plan)
             jax.block_until_ready(self.buffers[layer])
             stats.add("memory", time.perf_counter() - t1)
-            self.buffers[layer] = self._append(layer, self.buffers[layer], plan.missing,
-                                               int(plan.append_slots[0]) if plan.missing.size
-                                               else 0)
+            self.buffers[layer], _ = self._append(layer, self.buffers[layer], plan.missing,
+                                                  int(plan.append_slots[0]) if plan.missing.size
+                                                  else 0)
         t2 = time.perf_counter()
         out = _ffn_part(self.buffers[layer], np.int32(0), np.int32(self.caches[layer].n), ffn_in)
         out.block_until_ready()
@@ -548,7 +544,8 @@ class FlashModel(Model):
         capacity, n = self._memory.capacities[layer], self.cfg.ffn_dim
         pinned = self.pinned_rows(layer)
         if pinned and not self._pinned_loaded[layer]:  # the pinned rows come in once
-            self.buffers[layer] = self._append(layer, self.buffers[layer], slice(0, pinned), 0)
+            self.buffers[layer], _ = self._append(layer, self.buffers[layer], slice(0, pinned),
+                                                  0)
             self._pinned_loaded[layer] = True
         out = jnp.zeros_like(ffn_in)
         t0 = time.perf_counter()
@@ -560,7 +557,7 @@ class FlashModel(Model):
         chunk = capacity - pinned
         for start in range(pinned, n, chunk):
             count = min(chunk, n - start)
-            buf = self._append(layer, self.buffers[layer], slice(start, start + count), pinned)
+            buf, _ = self._append(layer, self.buffers[layer], slice(start, start + count), pinned)
             self.buffers[layer] = buf
             t0 = time.perf_counter()
             if pinned:  # only the streamed window, not the pinned rows again

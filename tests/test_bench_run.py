@@ -98,3 +98,32 @@ def test_each_configuration_is_compared_with_the_device_at_its_own_read_size():
     tiny = {**unbundled}
     compare_with_device(tiny, limit, row_bytes=1024)  # 512-byte halves still cost a block each
     assert tiny["device_chunk_bytes"] == 4096
+
+
+def test_bench_puts_each_layout_against_its_own_files(tmp_path):
+    """The device sweep reads the store's shard files; the unbundled configuration is put
+    against a sweep over the unbundled copy's files, at its half-bundle read size."""
+    from flashjax.bench.activity import ActivityTrace
+    from flashjax.bench.device import DirectIOUnsupportedError
+    from flashjax.bench.run import _device_gbps_at, bench
+
+    cfg = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
+    synthetic_store(tmp_path, cfg)
+    active = np.random.default_rng(0).random((12, 2, 1024)) < 0.04
+    trace = ActivityTrace(active).save(tmp_path / "t.npz")
+    try:
+        result = bench(tmp_path / "fj", dram_budget="90%", tokens=3, windows=(4,),
+                       device=True, device_seconds=0.05, trace=str(trace), prompt_tokens=3,
+                       progress=False)
+    except DirectIOUnsupportedError as e:
+        pytest.skip(f"the tmp filesystem refuses O_DIRECT: {e}")
+    bundled, split = result["device_limit"], result["device_limit_unbundled"]
+    assert bundled["files"] == 2 and bundled["path"].endswith("/fj/ffn")
+    assert split["files"] == 4 and split["path"].endswith("ffn_split")
+    # 256 B rows and 128 B halves both cost one 4 KiB block: a bundle saves half the reads
+    assert split["bundling_gain_same_files"] == pytest.approx(2.0)
+    unb = result["configs"]["predictor+window unbundled"]
+    conc = max(1, min(unb["reader_threads"], unb["rows_per_read_median"]))
+    assert unb["device_gbps_same_pattern"] == pytest.approx(_device_gbps_at(split, 4096, conc))
+    for name, r in result["configs"].items():
+        assert r["device_fraction"] is not None and r["device_fraction"] > 0, name

@@ -6,9 +6,10 @@
 # 1. the shipped model under a 50% budget (its cache dir is made on first use);
 # 2. synthetic OPT-1.3B and OPT-6.7B stores (float16, 2.6 GB and 13 GB), driven by an
 #    activity trace of the shipped model's predictors mapped onto their shapes;
-# 3. the TensorStore row reads against bare preads.
+# 3. the engine's row reads (TensorStore, io_uring) against bare preads.
 # Each bench also measures the storage's random-read limit (O_DIRECT, 4 KiB..1 MiB x 1..64
-# threads) in the same run; docs/bench/*/device_limit.png are those curves.
+# threads, random reads over the store's own shard files) in the same run;
+# docs/bench/*/device_limit.png are those curves.
 # Heavy steps run one after another: run nothing else meanwhile, the timings are CPU-bound.
 set -euo pipefail
 WORK=${1:-data/bench-work}
@@ -17,8 +18,8 @@ mkdir -p "$WORK" "$OUT"
 SHIPPED=$(python -c "from flashjax.shipped import default_model_dir; print(default_model_dir())")
 HELDOUT=${HELDOUT:-data/corpus/heldout.txt}  # the held-out split of scripts/make_corpus.py
 
-flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --json "$OUT/shipped.json" \
-    --plots "$OUT/shipped"
+flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --device-seconds 1.5 \
+    --json "$OUT/shipped.json" --plots "$OUT/shipped"
 
 declare -A ARGS=([opt-1.3b]="--tokens 8 --windows 1,4,8 --device-seconds 1.5" [opt-6.7b]="--tokens 6 --windows 1,4")
 for preset in opt-1.3b opt-6.7b; do
@@ -37,3 +38,4 @@ for preset in opt-1.3b opt-6.7b; do
 done
 python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 8,32,128,375,1024 > "$OUT/reader_overhead.txt"
 python scripts/reader_overhead.py "$WORK/opt-1.3b/fj" --rows 8,32,128,208,512 > "$OUT/reader_overhead-opt-1.3b.txt"
+python scripts/reader_overhead.py "$SHIPPED" --rows 8,24,48,128,512 > "$OUT/reader_overhead-shipped.txt"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -243,12 +244,14 @@ def plot(result: dict, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     names = list(result["configs"])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.4 * len(names)), 4.8))
     bottom = np.zeros(len(names))
+    labels = [textwrap.fill(n, 14, break_long_words=False) for n in names]  # on a few lines
     for phase in PHASES:
         values = np.array([result["configs"][n][f"{phase}_ms"] for n in names])
-        ax.bar(names, values, bottom=bottom, label=phase)
+        ax.bar(labels, values, bottom=bottom, label=phase)
         bottom += values
+    ax.tick_params(axis="x", labelsize=8)
     ax.set(ylabel="ms per token (medians)", title=f"latency breakdown, DRAM budget "
            f"{result['dram_budget']}")
     ax.legend()

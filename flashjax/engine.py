@@ -259,7 +259,7 @@ class FlashModel(Model):
         self.reader = reader
         self._memory = plan
         self.options = options
-        self.fc1_bias = fc1_bias  # host copies, per layer [N], to fill buffer bias slots
+        self.fc1_bias = fc1_bias  # host copies, per layer [N] (updates gather from the device copy)
         self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
         self.predictors = predictors  # flashjax.predictor.model.Predictors, or None
         self.trace = trace  # flashjax.bench.activity.ActivityTrace, or None

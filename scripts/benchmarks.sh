@@ -39,3 +39,6 @@ done
 python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 8,32,128,375,1024 > "$OUT/reader_overhead.txt"
 python scripts/reader_overhead.py "$WORK/opt-1.3b/fj" --rows 8,32,128,208,512 > "$OUT/reader_overhead-opt-1.3b.txt"
 python scripts/reader_overhead.py "$SHIPPED" --rows 8,24,48,128,512 > "$OUT/reader_overhead-shipped.txt"
+{ python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 20
+  python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 20 --beside-compute
+} > "$OUT/reader_overhead-beside-compute.txt"

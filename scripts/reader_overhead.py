@@ -1,6 +1,7 @@
 """Where a row read's time goes: the engine's row-set reads against bare preads.
 
     python scripts/reader_overhead.py MODEL_DIR [--rows 8,32,128,512,1024] [--reps 30]
+                                      [--beside-compute]
 
 For each batch size, reads that many random rows of random layers (sorted ids, as the engine
 asks for them) 1) with ``FlashReader.read`` through TensorStore (one batched read, O_DIRECT),
@@ -11,6 +12,10 @@ offsets its shard index gives. Both bypass the page cache; the storage bytes eac
 process spent per read (all threads, ``time.process_time``): on a machine with few cores, a
 read whose CPU time approaches its wall time times the cores is bound by the CPU, not the
 device. Medians over ``--reps``.
+
+With ``--beside-compute`` each read starts while jitted work runs on the other threads, as in
+the engine's overlap: the FFN of one token over a float32 buffer of one layer's rows (all
+``ffn_dim`` of them, the model's width), dispatched before the read and waited for after it.
 """
 
 import argparse
@@ -33,6 +38,8 @@ def main():
     p.add_argument("--rows", default="8,32,128,512,1024")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--threads", type=int, default=32)
+    p.add_argument("--beside-compute", action="store_true",
+                   help="read while an FFN over one layer's rows runs (jax, float32)")
     args = p.parse_args()
     sizes = [int(x) for x in args.rows.split(",")]
     manifest = Manifest.read(args.model_dir)
@@ -59,12 +66,24 @@ def main():
             os.preadv(fds[layer], [view[k * step:k * step + hi - lo]], lo)
         list(pool.map(one, range(len(ids))))
 
+    background = None
+    if args.beside_compute:
+        import jax
+        import jax.numpy as jnp
+
+        held = jnp.ones((n, cfg.hidden_size), jnp.float32)
+        x = jnp.ones((1, cfg.hidden_size), jnp.float32)
+        ffn = jax.jit(lambda w, x: jnp.maximum(x @ w.T, 0) @ w)
+        ffn(held, x).block_until_ready()
+        background = lambda: ffn(held, x)  # noqa: E731
+
     rng = np.random.default_rng(0)
     methods = {"tensorstore": lambda layer, ids: reader.read(layer, ids)}
     if ring.uses_io_uring:
         methods["io_uring"] = lambda layer, ids: ring.read(layer, ids)
     methods["preadv"] = pread_rows
-    print(f"{args.model_dir}: rows of {rb} B, {args.threads} reads in flight, O_DIRECT; "
+    print(f"{args.model_dir}: rows of {rb} B, {args.threads} reads in flight, O_DIRECT"
+          f"{', beside an FFN over one layer' if background else ''}; "
           f"per method: ms, GB/s, storage bytes / row bytes, CPU ms (all threads)")
     print(f"{'rows':>6}" + "".join(f" | {name:>11} {'GB/s':>6} {'stor.x':>6} {'CPU ms':>7}"
                                    for name in methods))
@@ -76,10 +95,13 @@ def main():
             for rep in range(args.reps):
                 layer = int(rng.integers(layers))
                 ids = np.sort(rng.choice(n, size, replace=False)).astype(np.int32)
+                work = background() if background else None
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn(layer, ids)
                 times.append(time.perf_counter() - t0)
                 cpu.append(time.process_time() - c0)
+                if work is not None:
+                    work.block_until_ready()
             storage = storage_read_bytes() - s0
             med = float(np.median(times))
             line += (f" | {med * 1e3:>11.2f} {size * rb / med / 1e9:>6.3f} "

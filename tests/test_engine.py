@@ -344,3 +344,27 @@ def test_overlap_changes_timing_only(sparse_model):
     for a, b in zip(bufs_a, bufs_b):
         np.testing.assert_array_equal(a, b)
     assert rel_err(logits_a, logits_b) <= 1e-6
+
+
+def test_layers_of_different_capacity_update_in_their_own_sizes(sparse_model, tmp_path):
+    """Buffers sized by skewed layer shares: each layer's updates are bounded by its own
+    capacity, not the smallest layer's, and the tokens and logits stay the dense model's."""
+    import json
+    import shutil
+
+    path = tmp_path / "fj"
+    shutil.copytree(sparse_model("pre_ln"), path)
+    (path / "predictors").mkdir()
+    (path / "predictors" / "metrics.json").write_text(json.dumps(
+        {"layers": [{"predicted_active_fraction": f} for f in (0.5, 0.08, 0.08)]}))
+    dense = flashjax.load(path, progress=False)
+    flash = flashjax.load(path, dram_budget=0.8, predictor="oracle", window=4, update_rows=512)
+    caps = flash.memory.capacities
+    assert caps[0] > 512 > caps[1]  # the first layer's buffer is the largest
+    assert flash.chunks == [512, caps[1], caps[2]]
+    assert flash.memory.update_rows == 512 and flash.reader.staging.shape[0] == 512
+    ids, stats = flash.generate(PROMPT, 16, stop_at_eos=False, return_stats=True)
+    assert stats["rows_dropped"] == 0
+    assert ids == dense.generate(PROMPT, 16, stop_at_eos=False)
+    seq = PROMPT + ids
+    assert rel_err(flash.logits(seq), dense.logits(seq)) <= 1e-5

@@ -42,3 +42,4 @@ python scripts/reader_overhead.py "$SHIPPED" --rows 8,24,48,128,512 > "$OUT/read
 { python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 20
   python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 20 --beside-compute
 } > "$OUT/reader_overhead-beside-compute.txt"
+python scripts/profile_memory.py "$SHIPPED" > "$OUT/profile_memory-shipped.txt"

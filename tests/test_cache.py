@@ -6,7 +6,6 @@ import functools
 import tempfile
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings

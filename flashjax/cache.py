@@ -47,7 +47,9 @@ class NeuronCache:
         self.capacity = capacity
         self.slot_ids = np.full(capacity, -1, np.int32)  # slot -> neuron id, -1 when free
         self.slot_of = np.full(n_neurons, -1, np.int32)  # neuron id -> slot, -1 when absent
-        self.last_used = np.full(capacity, NEVER, np.int64)  # slot -> last step it was needed
+        # slot -> last step it was needed; one spare entry at the end, which lookups of absent
+        # neurons (slot -1) write to, so that hits need no mask
+        self.last_used = np.full(capacity + 1, NEVER, np.int64)
         self.n = 0  # live slots are [0, n)
 
     @property
@@ -75,28 +77,25 @@ class NeuronCache:
                 top = np.argpartition(-scores[needed], self.capacity - 1)[:self.capacity]
                 needed = np.sort(needed[top])
         slots = self.slot_of[needed]
-        hit = slots >= 0
-        self.last_used[slots[hit]] = step
-        missing = needed[~hit]
+        self.last_used[slots] = step  # absent ones (-1) land in the spare entry
+        missing = needed[slots < 0]
 
         n = self.n
         live_last = self.last_used[:n]
-        expired = np.flatnonzero(live_last <= step - window).astype(np.int32)
-        overflow = n - expired.size + missing.size - self.capacity
+        gone = live_last <= step - window  # slots whose neurons left the window
+        out = int(np.count_nonzero(gone))
+        overflow = n - out + missing.size - self.capacity
         if overflow > 0:  # the window holds more than fits: drop the least recently needed
-            keep = np.flatnonzero(live_last > step - window)
+            keep = np.flatnonzero(~gone)
             keep = keep[live_last[keep] < step]  # never the current token's neurons
-            oldest = keep[np.argsort(live_last[keep], kind="stable")[:overflow]]
-            expired = np.sort(np.concatenate([expired, oldest.astype(np.int32)]))
-        new_n = n - expired.size
-        if expired.size:
-            evicted = self.slot_ids[expired]
-            # expired slots below the new end are holes, filled by the live rows past it
-            inside = int(np.searchsorted(expired, new_n))
-            holes = expired[:inside]
-            stays = np.ones(n - new_n, bool)
-            stays[expired[inside:] - new_n] = False
-            movers = np.flatnonzero(stays).astype(np.int32) + np.int32(new_n)
+            gone[keep[np.argsort(live_last[keep], kind="stable")[:overflow]]] = True
+            out += min(overflow, keep.size)
+        new_n = n - out
+        if out:
+            evicted = self.slot_ids[:n][gone]
+            # slots below the new end that empty are holes, filled by the live rows past it
+            holes = np.flatnonzero(gone[:new_n]).astype(np.int32)
+            movers = np.flatnonzero(~gone[new_n:]).astype(np.int32) + np.int32(new_n)
             self.slot_of[evicted] = -1
             moved = self.slot_ids[movers]
             self.slot_ids[holes] = moved

@@ -122,6 +122,7 @@ def test_bench_puts_each_layout_against_its_own_files(tmp_path):
     assert split["files"] == 4 and split["path"].endswith("ffn_split")
     # 256 B rows and 128 B halves both cost one 4 KiB block: a bundle saves half the reads
     assert split["bundling_gain_same_files"] == pytest.approx(2.0)
+    assert bundled["bundling_gain"] == pytest.approx(2.0)
     unb = result["configs"]["predictor+window unbundled"]
     conc = max(1, min(unb["reader_threads"], unb["rows_per_read_median"]))
     assert unb["device_gbps_same_pattern"] == pytest.approx(_device_gbps_at(split, 4096, conc))

@@ -78,6 +78,14 @@ def _whole_blocks(nbytes: int, block: int = 4096) -> int:
     return max(block, -(-nbytes // block) * block)
 
 
+def bundling_gain(limit: dict, row_bytes: int, concurrency: int = 32) -> float:
+    """Neurons per second read as one bundle each, against two reads of half a bundle each,
+    at the device's rates for the two read sizes in sweep ``limit``."""
+    half, whole = _whole_blocks(row_bytes // 2), _whole_blocks(row_bytes)
+    return (2 * _device_gbps_at(limit, whole, concurrency) * half
+            / (_device_gbps_at(limit, half, concurrency) * whole))
+
+
 def compare_with_device(r: dict, limit: dict, row_bytes: int) -> None:
     """Add to config record ``r`` the device's throughput for the same read pattern and the
     fraction of it that ``r`` achieved. The streaming baselines read long contiguous runs:
@@ -166,8 +174,8 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
     if device:
         from flashjax.bench.device import device_limit
 
-        chunks = sorted({4096, 8192, 16384, 32768, 65536, 1 << 20,
-                         _whole_blocks(manifest.row_bytes)})
+        rows = {_whole_blocks(manifest.row_bytes), _whole_blocks(manifest.row_bytes // 2)}
+        chunks = sorted({4096, 8192, 16384, 32768, 65536, 1 << 20} | rows)
         # the store's own shard files: the bytes the engine reads, where they lie on the
         # storage (a fresh scratch file can sit in a virtual disk's host cache while the store
         # does not, or the other way round)
@@ -179,6 +187,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         row = max(manifest.row_bytes, 4096)
         limit["read_gbps_at_bundle_size"] = _device_gbps_at(limit, row, 32)
         limit["read_gbps_best"] = max(p["gb_s"] for p in limit["points"])
+        limit["bundling_gain"] = bundling_gain(limit, manifest.row_bytes)
         result["device_limit"] = limit
         # The unbundled copy lies in other files, which the storage may serve at another rate
         # (a virtual disk's host cache favours what was read most): its reads are put against
@@ -192,11 +201,8 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
                                        concurrencies=(1, 4, 8, 16, 32, 64),
                                        seconds=device_seconds, progress=progress)
             split_limit["read_gbps_at_half_bundle_size"] = _device_gbps_at(split_limit, half, 32)
-            # what bundling alone is worth on these files: a neuron as one read of a bundle
-            # against two reads of half of one, at 32 in flight
-            split_limit["bundling_gain_same_files"] = (
-                2 * _device_gbps_at(split_limit, whole, 32) * half
-                / (split_limit["read_gbps_at_half_bundle_size"] * whole))
+            split_limit["bundling_gain_same_files"] = bundling_gain(split_limit,
+                                                                    manifest.row_bytes)
             result["device_limit_unbundled"] = split_limit
         for r in result["configs"].values():
             unbundled = not r["options"].get("bundled", True)
@@ -218,9 +224,12 @@ def format_table(result: dict) -> str:
         f"{n} {r['storage_bytes_read'] / max(r['flash_bytes_read'], 1):.2f}"
         for n, r in result["configs"].items() if r["storage_bytes_read"] is not None))
     if "device_limit" in result:
+        limit = result["device_limit"]
         lines.append(f"device limit at the bundle size ({result['row_bytes']} B, 32 threads), "
-                     f"random reads over {result['device_limit']['file_note']}: "
-                     f"{result['device_limit']['read_gbps_at_bundle_size']:.2f} GB/s")
+                     f"random reads over {limit['file_note']}: "
+                     f"{limit['read_gbps_at_bundle_size']:.2f} GB/s; a neuron read as one bundle "
+                     f"instead of two halves there: {limit['bundling_gain']:.2f}x the neurons "
+                     f"per second")
         if "device_limit_unbundled" in result:
             split = result["device_limit_unbundled"]
             lines.append(f"unbundled copy ({result['row_bytes'] // 2} B halves, 32 threads), "

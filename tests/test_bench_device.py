@@ -107,3 +107,8 @@ def test_sweep_over_a_set_of_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="not files"):
         device_limit([tmp_path / "absent"], chunk_sizes=(4096,), concurrencies=(1,),
                      seconds=0.05, progress=False)
+
+
+def test_an_empty_file_list_is_refused():
+    with pytest.raises(FileNotFoundError, match="none given"):
+        device_limit([], chunk_sizes=(4096,), concurrencies=(1,), seconds=0.05, progress=False)

@@ -57,8 +57,9 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
       path: a file to read (at least the largest chunk); a list of files, each read spread
         over all of them in proportion to their size (a store's own shard files: the bytes the
         engine reads, where they lie, under whatever caching the storage does for them); or a
-        directory in which to write a scratch file of random bytes (random so that no compressing or zero-detecting layer
-        can shortcut the reads), fsync'd before measuring and deleted afterwards unless `keep`.
+        directory in which to write a scratch file of random bytes (random so that no
+        compressing or zero-detecting layer can shortcut the reads), fsync'd before measuring
+        and deleted afterwards unless `keep`.
         A kept scratch file of the same size is reused.
       chunk_sizes: read sizes in bytes, multiples of 4096.
       concurrencies: thread counts.
@@ -88,6 +89,8 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
     chunk_sizes, concurrencies = _check_sweep(chunk_sizes, concurrencies, seconds)
     files = None
     if isinstance(path, (list, tuple)):
+        if not path:
+            raise FileNotFoundError("device_limit: not files: none given")
         files, path = [Path(f) for f in path], Path(os.path.commonpath([str(f) for f in path]))
     else:
         path = Path(path)
@@ -96,8 +99,8 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
         if file_bytes is not None:
             raise ValueError("file_bytes applies only when path is a directory")
         missing = [str(f) for f in files if not f.is_file()]
-        if missing or not files:
-            raise FileNotFoundError(f"device_limit: not files: {missing or 'none given'}")
+        if missing:
+            raise FileNotFoundError(f"device_limit: not files: {missing}")
         sizes = [f.stat().st_size for f in files]
         file_bytes = sum(sizes)
         file_note = f"{len(files)} existing files, {_human(file_bytes)}"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flashjax.budget import MemoryPlan, parse_budget, split_rows
 from flashjax.cache import slack_rows
@@ -210,20 +209,19 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
         predictors.params = jax.tree.map(lambda x: x.astype(resident_dtype), predictors.params)
     log.info("flash model %s: budget %d bytes, resident weights in %s, %d rows per layer",
              path, budget, resident_dtype, plan.capacity)
-    fc1_bias = [np.asarray(params[f"layers_{i}"]["ffn"]["fc1"]["bias"])
-                for i in range(cfg.num_hidden_layers)]
     oracle = None
     if predictor == "oracle":
         checksums = bundles.load_checksums(path)
         oracle = []
         for layer in range(cfg.num_hidden_layers):
             up, _ = split_bundles(bundles.read_layer(path, layer, checksums), cfg.hidden_size)
-            oracle.append((jnp.asarray(up, dtype), jnp.asarray(fc1_bias[layer], dtype)))
+            bias = params[f"layers_{layer}"]["ffn"]["fc1"]["bias"]
+            oracle.append((jnp.asarray(up, dtype), jnp.asarray(bias, dtype)))
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads,
                          bundled=options.bundled, slots=plan.staging_slots,
                          block_slots=plan.block_slots or None,
                          io_uring=options.io_uring)
-    return FlashModel(cfg, params, reader=reader, plan=plan, options=options, fc1_bias=fc1_bias,
-                      oracle=oracle, predictors=predictors, trace=trace,
+    return FlashModel(cfg, params, reader=reader, plan=plan, options=options, oracle=oracle,
+                      predictors=predictors, trace=trace,
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

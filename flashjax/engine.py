@@ -253,13 +253,11 @@ class FlashModel(Model):
     """A model whose FFN weights stay on flash; see ``flashjax.load(..., dram_budget=...)``."""
 
     def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
-                 options: EngineOptions, fc1_bias: list[np.ndarray], oracle=None,
-                 predictors=None, trace=None, **kw):
+                 options: EngineOptions, oracle=None, predictors=None, trace=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader = reader
         self._memory = plan
         self.options = options
-        self.fc1_bias = fc1_bias  # host copies, per layer [N] (updates gather from the device copy)
         self.oracle = oracle  # per layer (w_up [D, N], b_up [N]) on device, or None
         self.predictors = predictors  # flashjax.predictor.model.Predictors, or None
         self.trace = trace  # flashjax.bench.activity.ActivityTrace, or None

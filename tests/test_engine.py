@@ -177,7 +177,7 @@ def test_resident_rows_equal_their_bundles(sparse_model):
         np.testing.assert_array_equal(np.asarray(buf.up)[:cache.n], disk[:, :d])
         np.testing.assert_array_equal(np.asarray(buf.down)[:cache.n], disk[:, d:])
         np.testing.assert_array_equal(np.asarray(buf.bias)[:cache.n],
-                                      flash.fc1_bias[layer][cache.resident])
+                                      np.asarray(flash._fc1_bias(layer))[cache.resident])
 
 
 def _wide(root, ffn_dim: int):

@@ -14,12 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 from flax import struct
 
 NEVER = np.iinfo(np.int64).min // 2  # last-used step of a slot that holds nothing
-_EMPTY = np.zeros(0, np.int32)
-_EMPTY.flags.writeable = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +46,7 @@ class NeuronCache:
         self.capacity = capacity
         self.slot_ids = np.full(capacity, -1, np.int32)  # slot -> neuron id, -1 when free
         self.slot_of = np.full(n_neurons, -1, np.int32)  # neuron id -> slot, -1 when absent
-        # slot -> last step it was needed; one spare entry at the end, which lookups of absent
-        # neurons (slot -1) write to, so that hits need no mask
-        self.last_used = np.full(capacity + 1, NEVER, np.int64)
+        self.last_used = np.full(capacity, NEVER, np.int64)  # slot -> last step it was needed
         self.n = 0  # live slots are [0, n)
 
     @property
@@ -76,44 +73,11 @@ class NeuronCache:
             else:
                 top = np.argpartition(-scores[needed], self.capacity - 1)[:self.capacity]
                 needed = np.sort(needed[top])
-        slots = self.slot_of[needed]
-        self.last_used[slots] = step  # absent ones (-1) land in the spare entry
-        missing = needed[slots < 0]
-
-        n = self.n
-        live_last = self.last_used[:n]
-        gone = live_last <= step - window  # slots whose neurons left the window
-        out = int(np.count_nonzero(gone))
-        overflow = n - out + missing.size - self.capacity
-        if overflow > 0:  # the window holds more than fits: drop the least recently needed
-            keep = np.flatnonzero(~gone)
-            keep = keep[live_last[keep] < step]  # never the current token's neurons
-            gone[keep[np.argsort(live_last[keep], kind="stable")[:overflow]]] = True
-            out += min(overflow, keep.size)
-        new_n = n - out
-        if out:
-            evicted = self.slot_ids[:n][gone]
-            # slots below the new end that empty are holes, filled by the live rows past it
-            holes = np.flatnonzero(gone[:new_n]).astype(np.int32)
-            movers = np.flatnonzero(~gone[new_n:]).astype(np.int32) + np.int32(new_n)
-            self.slot_of[evicted] = -1
-            moved = self.slot_ids[movers]
-            self.slot_ids[holes] = moved
-            self.last_used[holes] = self.last_used[movers]
-            self.slot_of[moved] = holes
-            self.slot_ids[new_n:n] = -1
-            self.last_used[new_n:n] = NEVER
-        else:
-            evicted = holes = movers = _EMPTY
-
-        end = new_n + missing.size
-        append_slots = np.arange(new_n, end, dtype=np.int32)
-        self.slot_ids[new_n:end] = missing
-        self.slot_of[missing] = append_slots
-        self.last_used[new_n:end] = step
-        self.n = end
-        return Plan(holes=holes, movers=movers, append_slots=append_slots, missing=missing,
-                    evicted=evicted, dropped=int(dropped))
+        self.n, holes, movers, missing, evicted = _plan_kernel(
+            self.slot_ids, self.slot_of, self.last_used, self.n, needed, step, window)
+        return Plan(holes=holes, movers=movers,
+                    append_slots=np.arange(self.n - missing.size, self.n, dtype=np.int32),
+                    missing=missing, evicted=evicted, dropped=int(dropped))
 
     def check(self) -> None:
         """Invariants (for tests): live slots contiguous, index a bijection."""
@@ -122,6 +86,71 @@ class NeuronCache:
         assert np.unique(live).size == self.n
         assert (self.slot_of[live] == np.arange(self.n)).all()
         assert (self.slot_of >= 0).sum() == self.n
+
+
+@numba.njit(cache=True, nogil=True)
+def _plan_kernel(slot_ids, slot_of, last_used, n, needed, step, window):
+    """``NeuronCache.plan`` once ``needed`` fits: updates the three index arrays in place and
+    returns (new n, holes, movers, missing, evicted). Compiled: the plan runs once per layer and
+    token, and as a dozen small numpy calls it cost more host time than the update it plans."""
+    capacity = slot_ids.size
+    missing = np.empty(needed.size, np.int32)
+    n_missing = 0
+    for neuron in needed:
+        slot = slot_of[neuron]
+        if slot < 0:
+            missing[n_missing] = neuron
+            n_missing += 1
+        else:
+            last_used[slot] = step
+    gone = np.empty(n, np.bool_)  # slots whose neurons leave
+    out = 0
+    for slot in range(n):
+        gone[slot] = last_used[slot] <= step - window
+        if gone[slot]:
+            out += 1
+    overflow = n - out + n_missing - capacity
+    if overflow > 0:  # the window holds more than fits: drop the least recently needed
+        keep = np.empty(n - out, np.int64)
+        k = 0
+        for slot in range(n):  # never the current token's neurons
+            if not gone[slot] and last_used[slot] < step:
+                keep[k] = slot
+                k += 1
+        order = np.argsort(last_used[keep[:k]], kind="mergesort")  # stable: lowest slot first
+        for i in range(min(overflow, k)):
+            gone[keep[order[i]]] = True
+        out += min(overflow, k)
+    new_n = n - out
+    evicted = np.empty(out, np.int32)
+    holes = np.empty(out, np.int32)
+    movers = np.empty(out, np.int32)
+    e = h = m = 0
+    for slot in range(n):
+        if gone[slot]:
+            evicted[e] = slot_ids[slot]
+            e += 1
+            if slot < new_n:  # slots below the new end that empty are holes...
+                holes[h] = slot
+                h += 1
+        elif slot >= new_n:  # ...filled by the live rows past it
+            movers[m] = slot
+            m += 1
+    for neuron in evicted:
+        slot_of[neuron] = -1
+    for i in range(h):
+        neuron = slot_ids[movers[i]]
+        slot_ids[holes[i]] = neuron
+        last_used[holes[i]] = last_used[movers[i]]
+        slot_of[neuron] = holes[i]
+    for slot in range(new_n, n):
+        slot_ids[slot] = -1
+        last_used[slot] = NEVER
+    for i in range(n_missing):
+        slot_ids[new_n + i] = missing[i]
+        slot_of[missing[i]] = new_n + i
+        last_used[new_n + i] = step
+    return new_n + n_missing, holes[:h], movers[:m], missing[:n_missing], evicted
 
 
 @struct.dataclass

@@ -112,3 +112,44 @@ def test_sweep_over_a_set_of_files(tmp_path):
 def test_an_empty_file_list_is_refused():
     with pytest.raises(FileNotFoundError, match="none given"):
         device_limit([], chunk_sizes=(4096,), concurrencies=(1,), seconds=0.05, progress=False)
+
+
+def test_batch_rate_reads_whole_batches_from_storage(tmp_path):
+    """Reads in batches of the engine's size: every read a whole chunk from the device."""
+    from flashjax.bench.device import batch_rate
+
+    files = []
+    for i, size in enumerate((2 << 20, 1 << 20)):
+        f = tmp_path / f"shard{i}"
+        f.write_bytes(os.urandom(size))
+        files.append(f)
+    try:
+        rate = batch_rate(files, chunk=8192, batch=5, concurrency=2, seconds=0.1)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        pytest.skip(f"the tmp filesystem refuses O_DIRECT: {e}")
+    if rate is None:
+        pytest.skip("io_uring is unavailable here")
+    assert rate["batch"] == 5 and rate["concurrency"] == 2 and rate["chunk_bytes"] == 8192
+    assert rate["batches"] >= 1 and rate["bytes"] == rate["batches"] * 5 * 8192
+    assert 0 < rate["wall_s"] and rate["gb_s"] == pytest.approx(rate["bytes"] / rate["wall_s"]
+                                                                / 1e9)
+    assert 0 < rate["median_batch_ms"] <= rate["wall_s"] * 1e3
+    if rate["storage_bytes"] is not None:
+        fs = device._filesystem_of(tmp_path).split()[0]
+        if fs not in ("tmpfs", "ramfs"):
+            assert rate["storage_ratio"] >= 0.9, rate  # O_DIRECT: from the device
+    with pytest.raises(ValueError, match="no file holds a chunk of 4194304"):
+        batch_rate(files, chunk=4 << 20, batch=2, seconds=0.05)
+    with pytest.raises(ValueError, match="chunk=5000"):
+        batch_rate(files, chunk=5000, batch=2, seconds=0.05)
+
+
+def test_batch_rate_without_io_uring_is_none(monkeypatch, tmp_path):
+    import sys
+
+    from flashjax.bench.device import batch_rate
+
+    monkeypatch.setitem(sys.modules, "uring_api", None)  # import fails
+    assert batch_rate([tmp_path / "absent"], chunk=4096, batch=2) is None

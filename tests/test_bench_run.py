@@ -128,3 +128,17 @@ def test_bench_puts_each_layout_against_its_own_files(tmp_path):
     assert unb["device_gbps_same_pattern"] == pytest.approx(_device_gbps_at(split, 4096, conc))
     for name, r in result["configs"].items():
         assert r["device_fraction"] is not None and r["device_fraction"] > 0, name
+    # row-set configurations are also put against batches of their own size, on their files
+    from flashjax.store.reader import uring_api
+
+    if uring_api is None or not uring_api.is_available():
+        return
+    for name in ("predictor", "predictor+window", "predictor+window unbundled"):
+        r = result["configs"][name]
+        same = r["device_same_batches"]
+        halves = 2 if name.endswith("unbundled") else 1
+        assert same["batch"] == round(r["rows_per_read_median"]) * halves, name
+        assert same["chunk_bytes"] == 4096 and same["concurrency"] == r["reader_threads"]
+        assert r["device_fraction_same_batches"] == pytest.approx(
+            r["storage_gbps"] / same["gb_s"]), name
+    assert "device_same_batches" not in result["configs"]["naive"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from flashjax.store.reader import storage_read_bytes
+from flashjax.store.reader import _aligned, storage_read_bytes
 
 DEFAULT_CHUNK_SIZES = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 DEFAULT_CONCURRENCIES = (1, 2, 4, 8, 16, 32, 64)
@@ -165,6 +165,97 @@ def device_limit(path, *, chunk_sizes=DEFAULT_CHUNK_SIZES, concurrencies=DEFAULT
         "cpu_count": os.cpu_count(),
         "storage_ratio_min": min(ratios) if ratios else None,
         "points": points,
+    }
+
+
+def batch_rate(files, *, chunk: int, batch: int, concurrency: int = 32, seconds: float = 1.0,
+               seed: int = 0) -> dict | None:
+    """The device's rate for the engine's own read pattern: random O_DIRECT reads of `chunk`
+    bytes in batches of `batch`, at most `concurrency` in flight, each batch finished before the
+    next starts (as one layer's row set is read before its FFN can finish). A batch smaller
+    than a few times `concurrency` spends part of its time filling and draining the queue, so it
+    gets less than `device_limit`'s sustained rate at the same chunk and concurrency; this is
+    the figure to put a reader's batches against. The reads come from one thread through
+    io_uring (no per-read thread or copy), for about `seconds`.
+
+    Args:
+      files: the files to read, each picked in proportion to its size (a store's shard files).
+      chunk: bytes per read, a multiple of 4096.
+      batch: reads per batch, at least 1.
+      concurrency: reads in flight at most.
+      seconds: how long to read.
+      seed: seeds the offsets.
+
+    Returns:
+      None where io_uring is unavailable (no ``uring_api``, or refused by the system); else a
+      JSON-ready dict: ``chunk_bytes``, ``batch``, ``concurrency``, ``batches``, ``bytes``,
+      ``wall_s``, ``gb_s``, ``median_batch_ms``, ``storage_bytes`` and ``storage_ratio``.
+    """
+    try:
+        import uring_api
+    except ImportError:
+        return None
+    if chunk <= 0 or chunk % ALIGN or batch < 1 or concurrency < 1 or not seconds > 0:
+        raise ValueError(f"batch_rate: chunk={chunk} (a positive multiple of {ALIGN}), "
+                         f"batch={batch}, concurrency={concurrency} (both >= 1) and "
+                         f"seconds={seconds} (> 0) are required")
+    if not uring_api.is_available():
+        return None
+    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+    try:
+        n_chunks = np.array([os.fstat(fd).st_size // chunk for fd in fds])
+        if not n_chunks.sum():
+            raise ValueError(f"batch_rate: no file holds a chunk of {chunk} bytes")
+        depth = min(batch, concurrency)
+        mem, view = _aligned(depth * chunk)  # one chunk per read in flight
+        bufs = [view[i * chunk:(i + 1) * chunk] for i in range(depth)]
+        ring = uring_api.Ring(max(64, 2 * depth))
+        rng = np.random.default_rng(seed)
+        times, reads = [], 0
+        io_before = storage_read_bytes()
+        start = time.perf_counter()
+        try:
+            while time.perf_counter() - start < seconds:
+                # one file per batch (a layer's shard), distinct chunks in ascending order (the
+                # engine reads a layer's rows sorted)
+                k = int(rng.choice(len(fds), p=n_chunks / n_chunks.sum()))
+                picks = rng.choice(n_chunks[k], batch, replace=batch > n_chunks[k])
+                offsets = (np.sort(picks) * chunk).tolist()
+                fd, free = fds[k], list(range(depth))
+                t0, queued, done = time.perf_counter(), 0, 0
+                while done < batch:
+                    while queued < batch and free:
+                        slot = free.pop()
+                        ring.prepare_read(fd, bufs[slot], offsets[queued], user_data=slot)
+                        queued += 1
+                    for completion in ring.wait():
+                        if completion.res != chunk:
+                            raise OSError(f"batch_rate: a read returned {completion.res}, "
+                                          f"expected {chunk} bytes")
+                        free.append(completion.user_data)
+                        done += 1
+                times.append(time.perf_counter() - t0)
+                reads += batch
+        finally:
+            ring.close()
+        io_after = storage_read_bytes()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    nbytes = reads * chunk
+    wall = float(np.sum(times))
+    storage = None if io_before is None else io_after - io_before
+    return {
+        "chunk_bytes": chunk,
+        "batch": batch,
+        "concurrency": concurrency,
+        "batches": len(times),
+        "bytes": nbytes,
+        "wall_s": wall,
+        "gb_s": nbytes / wall / 1e9,
+        "median_batch_ms": float(np.median(times) * 1e3),
+        "storage_bytes": storage,
+        "storage_ratio": None if storage is None else storage / nbytes,
     }
 
 

@@ -97,8 +97,34 @@ def compare_with_device(r: dict, limit: dict, row_bytes: int) -> None:
     device_gbps = limit["read_gbps_best"] if streaming else _device_gbps_at(limit, chunk, conc)
     r["device_chunk_bytes"] = None if streaming else chunk
     r["device_gbps_same_pattern"] = device_gbps
-    achieved = r["storage_gbps"] if r["storage_gbps"] is not None else r["read_gbps"]
-    r["device_fraction"] = achieved / device_gbps if device_gbps > 0 else None
+    r["device_fraction"] = _achieved_gbps(r) / device_gbps if device_gbps > 0 else None
+
+
+def _achieved_gbps(r: dict) -> float:
+    """What the device delivered to configuration ``r``: storage bytes per second of I/O where
+    the kernel counts them (rows below a block cost a whole block), else the rows' bytes."""
+    return r["storage_gbps"] if r["storage_gbps"] is not None else r["read_gbps"]
+
+
+def compare_with_same_batches(r: dict, model_dir: Path, row_bytes: int,
+                              seconds: float) -> None:
+    """Add to row-set configuration ``r``, just after it ran, the device's rate for reads of
+    its own size in batches of its own median size at its concurrency, over the files it read
+    (``batch_rate``), and the fraction of that it achieved: the device's figure for the
+    engine's own pattern, measured at the same time (the storage's rate drifts during a run)."""
+    from flashjax.bench.device import batch_rate
+
+    if r["options"].get("predictor") is None or not r["rows_per_read_median"]:
+        return
+    bundled = r["options"].get("bundled", True)
+    files = sorted((model_dir / bundles.FFN_DIR).glob("layer_*/c/0/0")) if bundled else \
+        sorted((model_dir / bundles.SPLIT_DIR).glob("*/c/0/0"))
+    reads = round(r["rows_per_read_median"]) * (1 if bundled else 2)  # unbundled: two halves
+    rate = batch_rate(files, chunk=_whole_blocks(row_bytes if bundled else row_bytes // 2),
+                      batch=reads, concurrency=r["reader_threads"], seconds=seconds)
+    r["device_same_batches"] = rate
+    r["device_fraction_same_batches"] = (_achieved_gbps(r) / rate["gb_s"]
+                                         if rate and rate["gb_s"] > 0 else None)
 
 
 def run_config(model_dir, budget, options: dict, tokens: int,
@@ -158,8 +184,10 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
     for name, options in configs.items():
         if progress:
             print(f"bench: {name} ...", flush=True)
-        result["configs"][name] = run_config(model_dir, dram_budget, options, tokens,
-                                             prompt_tokens)
+        r = result["configs"][name] = run_config(model_dir, dram_budget, options, tokens,
+                                                 prompt_tokens)
+        if device:
+            compare_with_same_batches(r, model_dir, manifest.row_bytes, device_seconds)
     naive = result["configs"]["naive"]["ms_per_token"]
     for r in result["configs"].values():
         r["speedup_vs_naive"] = naive / r["ms_per_token"]
@@ -240,6 +268,14 @@ def format_table(result: dict) -> str:
         lines.append("achieved / device at the same read size and concurrency: " + ", ".join(
             f"{n} {r['device_fraction']:.0%}" for n, r in result["configs"].items()
             if r.get("device_fraction") is not None))
+        same = {n: r for n, r in result["configs"].items()
+                if r.get("device_fraction_same_batches") is not None}
+        if same:
+            lines.append("achieved / device for batches of the same size, read just after: "
+                         + ", ".join(f"{n} {r['device_fraction_same_batches']:.0%} (batches of "
+                                     f"{r['device_same_batches']['batch']}, "
+                                     f"{r['device_same_batches']['gb_s']:.2f} GB/s)"
+                                     for n, r in same.items()))
     return "\n".join(lines)
 
 

@@ -10,15 +10,19 @@ from flashjax.bench.device import (DirectIOUnsupportedError, device_limit, forma
                                    plot_device_limit, throughput_at)
 
 POINT_KEYS = {"chunk_bytes", "concurrency", "reads", "bytes", "wall_s", "gb_s", "median_us",
-              "p90_us", "storage_bytes", "storage_ratio"}
+              "p90_us", "storage_bytes", "storage_ratio", "method"}
 
 
-def test_sweep_reads_from_storage(tmp_path):
+@pytest.mark.parametrize("method", ["best", "io_uring", "threads"])
+def test_sweep_reads_from_storage(tmp_path, method):
+    if method != "threads" and device._uring_api() is None:
+        pytest.skip("io_uring is unavailable here")
     try:
         result = device_limit(tmp_path, chunk_sizes=(4096, 65536), concurrencies=(1, 4),
-                              seconds=0.2, file_bytes=64 << 20, progress=False)
+                              seconds=0.2, file_bytes=64 << 20, progress=False, method=method)
     except DirectIOUnsupportedError as e:
         pytest.skip(f"the tmp filesystem refuses O_DIRECT: {e}")
+    assert result["method"] == {"best": "io_uring or threads"}.get(method, method)
     if result["filesystem"].split()[0] in ("tmpfs", "ramfs"):
         pytest.skip(f"{result['filesystem']} accepts O_DIRECT but has no storage beneath it")
 
@@ -29,6 +33,7 @@ def test_sweep_reads_from_storage(tmp_path):
         (4096, 1), (4096, 4), (65536, 1), (65536, 4)]
     for p in points:
         assert set(p) == POINT_KEYS
+        assert p["method"] in result["method"].split(" or ")
         assert p["reads"] > 0 and p["bytes"] == p["reads"] * p["chunk_bytes"]
         assert p["gb_s"] > 0 and 0 < p["median_us"] <= p["p90_us"]
         assert p["wall_s"] >= 0.2
@@ -63,6 +68,13 @@ def test_direct_io_refused(tmp_path, monkeypatch):
     result = device_limit(data, chunk_sizes=(4096,), concurrencies=(1, 2), seconds=0.05,
                           allow_page_cache=True, progress=False)
     assert not result["direct_io"] and len(result["points"]) == 2
+    assert result["method"] == "threads"  # io_uring here serves O_DIRECT reads only
+    with pytest.raises(ValueError, match="method='io_uring' needs"):
+        device_limit(data, chunk_sizes=(4096,), concurrencies=(1,), seconds=0.05,
+                     allow_page_cache=True, progress=False, method="io_uring")
+    with pytest.raises(ValueError, match="method='aio'; expected 'best'"):
+        device_limit(data, chunk_sizes=(4096,), concurrencies=(1,), seconds=0.05,
+                     allow_page_cache=True, progress=False, method="aio")
 
 
 def test_throughput_at_interpolates_in_log2_chunk():

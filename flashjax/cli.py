@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -167,7 +168,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from flashjax.bench.run import bench, format_table, plot, save_json
+    from flashjax.bench.run import bench, format_table, markdown_table, plot, save_json
 
     result = bench(args.model_dir, dram_budget=args.dram_budget, tokens=args.tokens,
                    window=args.window, device=not args.no_device_limit,
@@ -177,7 +178,10 @@ def cmd_bench(args) -> int:
     if args.json:
         save_json(result, args.json)
     if args.plots:
-        for path in plot(result, args.plots):
+        table = Path(args.plots) / "table.md"
+        paths = plot(result, args.plots)
+        table.write_text(markdown_table(result))
+        for path in [*paths, table]:
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

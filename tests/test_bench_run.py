@@ -42,7 +42,12 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     assert configs["hybrid"]["flash_bytes_per_token"] < configs["naive"]["flash_bytes_per_token"]
     assert set(result["window_sweep"]) == {"1", "2", "4", "8"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"latency_breakdown.png",
-                                                                 "window_rows.png"}
+                                                                 "window_rows.png", "table.md"}
+    table = (tmp_path / "plots" / "table.md").read_text().splitlines()
+    assert len(table) == 2 + len(configs)  # header, rule, one row per configuration
+    naive = table[2].split(" | ")
+    assert naive[0] == "| naive" and naive[5] == f"**{configs['naive']['ms_per_token']:.1f}**"
+    assert naive[-2] == "-"  # no device measured: no fraction
 
 
 def test_bench_with_an_activity_trace(tmp_path):

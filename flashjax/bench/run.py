@@ -279,6 +279,28 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: dict) -> str:
+    """The latency table as Markdown, one row per configuration, with each one's read rate
+    against the device (sustained sweep, and batches of its own size read just after it)."""
+    def pct(value):
+        return "-" if value is None else f"{value:.0%}"
+
+    head = ["configuration", "I/O ms", "memory ms", "predictor ms", "compute ms", "total ms",
+            "flash MB/token", "storage/flash bytes", "rows per read", "read GB/s",
+            "of device (sweep)", "of device (same batches)", "speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in result["configs"].items():
+        storage = (f"{r['storage_bytes_read'] / r['flash_bytes_read']:.2f}"
+                   if r["storage_bytes_read"] is not None and r["flash_bytes_read"] else "-")
+        cells = [name, *(f"{r[f'{p}_ms']:.1f}" for p in PHASES), f"**{r['ms_per_token']:.1f}**",
+                 f"{r['flash_bytes_per_token'] / 1e6:.3f}", storage,
+                 f"{r['rows_per_read_median']:.0f}", f"{r['read_gbps']:.2f}",
+                 pct(r.get("device_fraction")), pct(r.get("device_fraction_same_batches")),
+                 f"{r['speedup_vs_naive']:.1f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, out_dir) -> list[Path]:
     import matplotlib
 

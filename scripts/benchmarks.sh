@@ -8,8 +8,9 @@
 #    activity trace of the shipped model's predictors mapped onto their shapes;
 # 3. the engine's row reads (TensorStore, io_uring) against bare preads.
 # Each bench also measures the storage's random-read limit (O_DIRECT, 4 KiB..1 MiB x 1..64
-# threads, random reads over the store's own shard files) in the same run;
-# docs/bench/*/device_limit.png are those curves.
+# reads in flight, from threads and through io_uring, random reads over the store's own shard
+# files) in the same run, and after each row-set configuration the device's rate for batches
+# of its own size; docs/bench/*/device_limit.png are the curves, docs/bench/*/table.md the tables.
 # Heavy steps run one after another: run nothing else meanwhile, the timings are CPU-bound.
 set -euo pipefail
 WORK=${1:-data/bench-work}

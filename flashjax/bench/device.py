@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from flashjax.store.reader import _aligned, storage_read_bytes
+from flashjax.store.reader import SUBMIT_EVERY, _aligned, storage_read_bytes
 
 DEFAULT_CHUNK_SIZES = (4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 DEFAULT_CONCURRENCIES = (1, 2, 4, 8, 16, 32, 64)
@@ -241,6 +241,8 @@ def batch_rate(files, *, chunk: int, batch: int, concurrency: int = 32, seconds:
                         slot = free.pop()
                         ring.prepare_read(fd, bufs[slot], offsets[queued], user_data=slot)
                         queued += 1
+                        if queued % SUBMIT_EVERY == 1:  # as the engine's reader does
+                            ring.submit()
                     for completion in ring.wait():
                         if completion.res != chunk:
                             raise OSError(f"batch_rate: a read returned {completion.res}, "

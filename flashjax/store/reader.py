@@ -62,6 +62,7 @@ def storage_read_bytes() -> int | None:
 ALIGN = 4096  # O_DIRECT offsets, sizes and buffers: multiples of the logical block
 PIECE = 1 << 20  # bytes per pread of a long run
 MERGE = 128 << 10  # io_uring: consecutive whole-block rows are read together up to this size
+SUBMIT_EVERY = 4  # io_uring: reads handed to the kernel as they are prepared, this many at a time
 
 
 def _ceil_blocks(nbytes):
@@ -401,6 +402,8 @@ class FlashReader:
                     buf = self._blocks[0][base:base + size]
                 ring.prepare_read(src.fd, buf, at, user_data=queued)
                 queued += 1
+                if queued % SUBMIT_EVERY == 1:  # the device starts on the first reads while
+                    ring.submit()  # the rest are prepared (wait() submits what is left)
             for completion in ring.wait():  # submits what is queued, then waits
                 done += 1
                 j = completion.user_data

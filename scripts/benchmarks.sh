@@ -44,3 +44,6 @@ python scripts/reader_overhead.py "$SHIPPED" --rows 8,24,48,128,512 > "$OUT/read
   python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 20 --beside-compute
 } > "$OUT/reader_overhead-beside-compute.txt"
 python scripts/profile_memory.py "$SHIPPED" > "$OUT/profile_memory-shipped.txt"
+{ for n in 1000000 4; do python scripts/reader_overhead.py "$SHIPPED" --rows 24,39,64 --reps 200 --submit-every $n; done
+  for n in 1000000 4; do python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 30 --submit-every $n; done
+} > "$OUT/reader_overhead-submit.txt"

@@ -1,7 +1,7 @@
 """Where a row read's time goes: the engine's row-set reads against bare preads.
 
     python scripts/reader_overhead.py MODEL_DIR [--rows 8,32,128,512,1024] [--reps 30]
-                                      [--beside-compute]
+                                      [--beside-compute] [--submit-every N]
 
 For each batch size, reads that many random rows of random layers (sorted ids, as the engine
 asks for them) 1) with ``FlashReader.read`` through TensorStore (one batched read, O_DIRECT),
@@ -16,6 +16,9 @@ device. Medians over ``--reps``.
 With ``--beside-compute`` each read starts while jitted work runs on the other threads, as in
 the engine's overlap: the FFN of one token over a float32 buffer of one layer's rows (all
 ``ffn_dim`` of them, the model's width), dispatched before the read and waited for after it.
+With ``--submit-every N`` the io_uring read hands its requests to the kernel N at a time as it
+prepares them (the reader's ``SUBMIT_EVERY``); a very large N submits them all at the first
+wait.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flashjax.store import bundles
+from flashjax.store import reader as reader_module
 from flashjax.store.manifest import Manifest
 from flashjax.store.reader import ALIGN, FlashReader, shard_row_offsets, storage_read_bytes
 
@@ -40,7 +44,11 @@ def main():
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--beside-compute", action="store_true",
                    help="read while an FFN over one layer's rows runs (jax, float32)")
+    p.add_argument("--submit-every", type=int, default=None,
+                   help="io_uring requests handed to the kernel this many at a time")
     args = p.parse_args()
+    if args.submit_every is not None:
+        reader_module.SUBMIT_EVERY = args.submit_every
     sizes = [int(x) for x in args.rows.split(",")]
     manifest = Manifest.read(args.model_dir)
     cfg, rb = manifest.config, manifest.row_bytes
@@ -83,7 +91,8 @@ def main():
         methods["io_uring"] = lambda layer, ids: ring.read(layer, ids)
     methods["preadv"] = pread_rows
     print(f"{args.model_dir}: rows of {rb} B, {args.threads} reads in flight, O_DIRECT"
-          f"{', beside an FFN over one layer' if background else ''}; "
+          f"{', beside an FFN over one layer' if background else ''}, io_uring requests "
+          f"submitted {reader_module.SUBMIT_EVERY} at a time; "
           f"per method: ms, GB/s, storage bytes / row bytes, CPU ms (all threads)")
     print(f"{'rows':>6}" + "".join(f" | {name:>11} {'GB/s':>6} {'stor.x':>6} {'CPU ms':>7}"
                                    for name in methods))

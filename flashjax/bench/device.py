@@ -241,7 +241,7 @@ def batch_rate(files, *, chunk: int, batch: int, concurrency: int = 32, seconds:
                         slot = free.pop()
                         ring.prepare_read(fd, bufs[slot], offsets[queued], user_data=slot)
                         queued += 1
-                        if queued % SUBMIT_EVERY == 1:  # as the engine's reader does
+                        if (queued - 1) % SUBMIT_EVERY == 0:  # as the engine's reader does
                             ring.submit()
                     for completion in ring.wait():
                         if completion.res != chunk:

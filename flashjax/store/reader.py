@@ -402,7 +402,7 @@ class FlashReader:
                     buf = self._blocks[0][base:base + size]
                 ring.prepare_read(src.fd, buf, at, user_data=queued)
                 queued += 1
-                if queued % SUBMIT_EVERY == 1:  # the device starts on the first reads while
+                if (queued - 1) % SUBMIT_EVERY == 0:  # the device starts on the first reads while
                     ring.submit()  # the rest are prepared (wait() submits what is left)
             for completion in ring.wait():  # submits what is queued, then waits
                 done += 1

@@ -1,9 +1,19 @@
-"""DRAM budgets: parsing, and what a flash-backed model holds in DRAM."""
+"""DRAM budgets: parsing, what a flash-backed model holds in DRAM, and how a budget is split."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+
+import jax.numpy as jnp
+
+from flashjax.cache import slack_rows
+from flashjax.store.convert import NP_DTYPES
+from flashjax.store.manifest import DTYPE_BYTES, Manifest
+from flashjax.store.reader import block_span
+
+MIN_CAPACITY = 32  # fewer resident rows per layer than this is not a useful configuration
+RESIDENT_MARGIN = 1.1  # compute-dtype resident weights need room for this x predicted rows
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -98,3 +108,95 @@ def split_rows(total: int, weights, n_neurons: int, granule: int = 16) -> list[i
             left -= n_neurons
             free.remove(i)
     return [n_neurons if r >= n_neurons else int(r) // granule * granule for r in rows]
+
+
+def dense_bytes(manifest: Manifest, dtype) -> int:
+    """The model's size when held whole in DRAM in ``dtype``: what fractions refer to."""
+    return manifest.total_bytes * jnp.dtype(dtype).itemsize // DTYPE_BYTES[manifest.dtype]
+
+
+def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options,
+                predictor_bytes: int = 0, weights=None) -> MemoryPlan:
+    """Split ``budget``: fixed parts first, then the neuron buffers, shared among layers in
+    proportion to ``weights`` (each layer's expected share of needed neurons; default equal)."""
+    cfg = manifest.config
+    item = jnp.dtype(dtype).itemsize
+    layers, n, d = cfg.num_hidden_layers, cfg.ffn_dim, cfg.hidden_size
+    kv = (2 * layers * options.max_batch * options.max_context * d * item
+          + options.max_batch * options.max_context)
+    predictors = predictor_bytes
+    index_fixed = layers * n * 4  # neuron -> slot maps
+    # transient, per row of an update: TensorStore's read buffer and the device copy of the
+    # staged rows (storage dtype; on CPU jax usually shares the staging memory instead), their
+    # up/down halves converted to the compute dtype, and the gathered rows of a move
+    update_row = 2 * manifest.row_bytes + 2 * (2 * d + 1) * item
+    slots = 2 if options.overlap else 1  # staging buffers: one is read while one is used
+    rows = options.update_rows
+    if rows is None:  # the largest power of two up to 1024 whose staging uses <= 1/16 budget
+        rows = 1024
+        while (rows > MIN_CAPACITY
+               and rows * (update_row + slots * manifest.row_bytes) > budget // 16):
+            rows //= 2
+    rows = min(n, rows)
+    staging = slots * rows * manifest.row_bytes
+    # plus the io_uring reader's scratch where rows are not whole blocks: one span of blocks per
+    # read in flight, as many as reader_threads within 1/32 of the budget
+    span = block_span(manifest.row_bytes, options.bundled)
+    block_slots = min(options.reader_threads, max(1, budget // 32 // span)) if span else 0
+    workspace = rows * update_row + block_slots * span
+    # per row of capacity, in every layer: up + down rows and bias, slot id and last use
+    layer_row = (2 * d + 1) * item + 4 + 8
+    per_row = layers * layer_row
+    slack = slack_rows(rows)  # each buffer's extra rows for padded contiguous writes
+    slack_bytes = layers * slack * (2 * d + 1) * item
+    fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace + slack_bytes
+    capacities = split_rows(max(0, budget - fixed) // layer_row, weights or [1.0] * layers, n)
+    need = min(n, MIN_CAPACITY)
+    if min(capacities) < need:
+        minimum = fixed + need * per_row
+        raise ValueError(
+            f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} bytes for "
+            f"{cfg.num_hidden_layers} layers x {need} neurons: resident weights {resident_bytes:,}"
+            f" + KV cache {kv:,} (max_batch {options.max_batch} x max_context "
+            f"{options.max_context}) + predictors {predictors:,} + index {index_fixed:,} + "
+            f"staging and workspace "
+            f"{staging + workspace:,} + neuron buffers {need * per_row + slack_bytes:,}")
+    return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
+                      staging=staging, workspace=workspace,
+                      index=index_fixed + sum(capacities) * 12,
+                      buffers=sum(capacities) * (2 * d + 1) * item + slack_bytes,
+                      capacities=tuple(capacities), update_rows=int(min(rows, max(capacities))),
+                      slack_rows=slack, staging_slots=slots,
+                      block_slots=block_slots)
+
+
+def choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, selector):
+    """Hold resident weights (and the selector's weights) in the compute dtype when the budget then still
+    gives every layer room for 1.1x its predicted-active rows (one token's set with a
+    margin); otherwise in the narrower storage dtype, widened inside each jitted step, which
+    leaves more room for neurons. The compute dtype wins whenever it fits: on CPU a matmul
+    over weights widened inside jit runs ~9x slower (notes in docs/BENCHMARKS.md), which at
+    OPT-6.7B shape costs seconds per token, far more than a longer window saves in reads."""
+    storage = jnp.dtype(NP_DTYPES[manifest.dtype])
+    if options.resident_dtype is not None:
+        candidates = [jnp.dtype(options.resident_dtype)]
+    elif storage.itemsize < dtype.itemsize:
+        candidates = [dtype, storage]
+    else:
+        candidates = [dtype]
+    n = manifest.config.ffn_dim
+    weights = selector.shares()
+    wanted = [min(n, int(RESIDENT_MARGIN * w * n)) for w in weights] if weights else None
+    for i, candidate in enumerate(candidates):
+        last = i == len(candidates) - 1
+        resident = manifest.dram_bytes // storage.itemsize * candidate.itemsize
+        try:
+            plan = plan_memory(manifest, dtype, budget, resident, options,
+                               predictor_bytes=selector.dram_bytes(candidate), weights=weights)
+        except ValueError:
+            if last:
+                raise
+            continue
+        if last or wanted is None or all(c >= w for c, w in zip(plan.capacities, wanted)):
+            return candidate, plan
+    raise AssertionError("unreachable")

@@ -4,21 +4,23 @@ The paper's memory management: a preallocated buffer of ``capacity`` rows per la
 rows are always slots ``[0, n)``. Deleting neurons moves the last live rows into the freed
 slots; new neurons are appended after the last live row; an index maps slot -> neuron id (and
 back). Nothing is reallocated. This module is the host-side bookkeeping and plans the device
-updates; ``NeuronBuffer`` holds the rows themselves.
+updates; ``flashjax.engine.state.NeuronBuffer`` holds the rows themselves.
+
+A token may need more neurons than a layer's buffer holds (an early layer of a real ReLU model
+fires 40-50% of its neurons; the naive baseline needs all of them). The plan then keeps what
+fits and names the rest ``streamed``: those rows are read and computed through the staging
+buffer without being inserted, so the token still gets every row it needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
-import jax.numpy as jnp
 import numba
 import numpy as np
-from flax import struct
 
 NEVER = np.iinfo(np.int64).min // 2  # last-used step of a slot that holds nothing
+_EMPTY = np.zeros(0, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +28,9 @@ class Plan:
     """What one token changes in one layer's cache (all int32 numpy arrays).
 
     holes[i] <- movers[i]: live rows moved into the slots of deleted neurons;
-    append_slots[i] <- missing[i]: neurons to read from flash, in ascending id order.
+    append_slots[i] <- missing[i]: neurons to read from flash and insert, ascending ids;
+    streamed: neurons needed but not kept (no room), read and computed without insertion;
+    held: the slots, before this plan's moves, of the needed neurons that were resident.
     """
 
     holes: np.ndarray
@@ -34,24 +38,36 @@ class Plan:
     append_slots: np.ndarray
     missing: np.ndarray
     evicted: np.ndarray  # neuron ids that left the cache
-    dropped: int  # needed neurons that did not fit (lowest scores first)
+    streamed: np.ndarray
+    held: np.ndarray
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.holes.size or self.missing.size)
 
 
 class NeuronCache:
-    """Slot bookkeeping for one layer: capacity C slots over N neurons."""
+    """Slot bookkeeping for one layer: capacity C slots over N neurons (C = 0: holds nothing,
+    every needed row is streamed)."""
 
     def __init__(self, n_neurons: int, capacity: int):
-        if not 0 < capacity <= n_neurons:
-            raise ValueError(f"capacity must be in [1, {n_neurons}], got {capacity}")
+        if not 0 <= capacity <= n_neurons:
+            raise ValueError(f"capacity must be in [0, {n_neurons}], got {capacity}")
         self.capacity = capacity
         self.slot_ids = np.full(capacity, -1, np.int32)  # slot -> neuron id, -1 when free
         self.slot_of = np.full(n_neurons, -1, np.int32)  # neuron id -> slot, -1 when absent
-        self.last_used = np.full(capacity, NEVER, np.int64)  # slot -> last step it was needed
+        # slot -> last step it was needed; one spare entry past the slots, which lookups of
+        # absent neurons (slot -1) write to
+        self.last_used = np.full(capacity + 1, NEVER, np.int64)
         self.n = 0  # live slots are [0, n)
 
     @property
     def resident(self) -> np.ndarray:
         return self.slot_ids[:self.n]
+
+    def needed_slots(self, step: int) -> np.ndarray:
+        """The slots (after the last plan) of the neurons needed by token ``step``."""
+        return np.flatnonzero(self.last_used[:self.n] == step).astype(np.int32)
 
     def plan(self, needed: np.ndarray, step: int, window: int,
              scores: np.ndarray | None = None) -> Plan:
@@ -59,25 +75,32 @@ class NeuronCache:
 
         Keeps every neuron needed by one of the last ``window`` tokens while there is room;
         beyond that evicts the least recently needed. If ``needed`` alone exceeds the capacity,
-        keeps the highest ``scores`` (or the lowest ids when no scores) and counts the rest as
-        dropped.
+        the needed neurons already resident stay, the free slots take the missing ones with
+        the highest ``scores`` (the lowest ids when no scores), and the rest are ``streamed``.
         """
         needed = np.asarray(needed, np.int32)
         if needed.size > 1 and not (needed[1:] > needed[:-1]).all():  # predictors give sorted
             needed = np.unique(needed)
-        dropped = 0
+        slots = self.slot_of[needed]
+        held = slots[slots >= 0]
+        streamed = _EMPTY
         if needed.size > self.capacity:
-            dropped = needed.size - self.capacity
-            if scores is None:
-                needed = needed[:self.capacity]
+            absent = needed[slots < 0]
+            room = self.capacity - held.size
+            if scores is not None and 0 < room < absent.size:
+                top = np.zeros(absent.size, bool)
+                top[np.argpartition(-scores[absent], room - 1)[:room]] = True
             else:
-                top = np.argpartition(-scores[needed], self.capacity - 1)[:self.capacity]
-                needed = np.sort(needed[top])
+                top = np.arange(absent.size) < room
+            streamed = absent[~top]
+            needed = np.sort(np.concatenate([needed[slots >= 0], absent[top]]))
+        if self.capacity == 0:
+            return Plan(_EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, streamed, _EMPTY)
         self.n, holes, movers, missing, evicted = _plan_kernel(
             self.slot_ids, self.slot_of, self.last_used, self.n, needed, step, window)
         return Plan(holes=holes, movers=movers,
                     append_slots=np.arange(self.n - missing.size, self.n, dtype=np.int32),
-                    missing=missing, evicted=evicted, dropped=int(dropped))
+                    missing=missing, evicted=evicted, streamed=streamed, held=held)
 
     def check(self) -> None:
         """Invariants (for tests): live slots contiguous, index a bijection."""
@@ -153,57 +176,40 @@ def _plan_kernel(slot_ids, slot_of, last_used, n, needed, step, window):
     return new_n + n_missing, holes[:h], movers[:m], missing[:n_missing], evicted
 
 
-@struct.dataclass
-class NeuronBuffer:
-    """One layer's resident rows, fixed shape. Let C be capacity, D model width.
-
-    up: [C, D] up-projection columns (fc1 rows); down: [C, D] down-projection rows;
-    bias: [C] fc1 bias of each slot's neuron. Rows at slots >= n are stale and masked out.
-    """
-
-    up: jax.Array
-    down: jax.Array
-    bias: jax.Array
-
-    @classmethod
-    def init(cls, capacity: int, d_model: int, dtype=jnp.float32) -> NeuronBuffer:
-        return cls(up=jnp.zeros((capacity, d_model), dtype),
-                   down=jnp.zeros((capacity, d_model), dtype),
-                   bias=jnp.zeros((capacity,), dtype))
-
-    @property
-    def nbytes(self) -> int:
-        return self.up.nbytes + self.down.nbytes + self.bias.nbytes
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def move_rows(buf: NeuronBuffer, holes, movers) -> NeuronBuffer:
-    """buf[holes] = buf[movers]; padded entries of holes are out of range and dropped.
-    ``buf`` is donated: rebind it to the result."""
-    return NeuronBuffer(up=buf.up.at[holes].set(buf.up[movers], mode="drop"),
-                        down=buf.down.at[holes].set(buf.down[movers], mode="drop"),
-                        bias=buf.bias.at[holes].set(buf.bias[movers], mode="drop"))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def append_rows(buf: NeuronBuffer, start, rows, bias) -> NeuronBuffer:
-    """buf[start:start + A] = bundle rows [A, 2D] split into up and down halves, cast to the
-    buffer dtype: one contiguous write (appended slots are always a run at the end of the live
-    rows). Rows past those that matter land in slots beyond the live ones, which are stale
-    anyway; the buffer's ``slack_rows`` keep such a padded write inside it."""
-    d = buf.up.shape[1]
-    return NeuronBuffer(
-        up=jax.lax.dynamic_update_slice_in_dim(buf.up, rows[:, :d].astype(buf.up.dtype), start, 0),
-        down=jax.lax.dynamic_update_slice_in_dim(buf.down, rows[:, d:].astype(buf.down.dtype),
-                                                 start, 0),
-        bias=jax.lax.dynamic_update_slice_in_dim(buf.bias, bias.astype(buf.bias.dtype), start, 0))
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def update_rows(buf: NeuronBuffer, holes, movers, start, rows, bias) -> NeuronBuffer:
-    """One token's whole change to a layer's buffer in one dispatch: ``move_rows`` then
-    ``append_rows`` (appended slots may be slots the moves emptied)."""
-    return append_rows.__wrapped__(move_rows.__wrapped__(buf, holes, movers), start, rows, bias)
+def _plan_numpy(slot_ids, slot_of, last_used, n, needed, step, window):
+    """``_plan_kernel`` with numpy calls (same arguments, same results)."""
+    capacity = slot_ids.size
+    slots = slot_of[needed]
+    last_used[slots] = step  # absent ones (-1) land in the spare entry
+    missing = needed[slots < 0]
+    live_last = last_used[:n]
+    gone = live_last <= step - window  # slots whose neurons left the window
+    out = int(np.count_nonzero(gone))
+    overflow = n - out + missing.size - capacity
+    if overflow > 0:  # the window holds more than fits: drop the least recently needed
+        keep = np.flatnonzero(~gone)
+        keep = keep[live_last[keep] < step]  # never the current token's neurons
+        gone[keep[np.argsort(live_last[keep], kind="stable")[:overflow]]] = True
+        out += min(overflow, keep.size)
+    new_n = n - out
+    evicted = holes = movers = _EMPTY
+    if out:
+        evicted = slot_ids[:n][gone]
+        # slots below the new end that empty are holes, filled by the live rows past it
+        holes = np.flatnonzero(gone[:new_n]).astype(np.int32)
+        movers = np.flatnonzero(~gone[new_n:]).astype(np.int32) + np.int32(new_n)
+        slot_of[evicted] = -1
+        moved = slot_ids[movers]
+        slot_ids[holes] = moved
+        last_used[holes] = last_used[movers]
+        slot_of[moved] = holes
+        slot_ids[new_n:n] = -1
+        last_used[new_n:n] = NEVER
+    end = new_n + missing.size
+    slot_ids[new_n:end] = missing
+    slot_of[missing] = np.arange(new_n, end, dtype=np.int32)
+    last_used[new_n:end] = step
+    return end, holes, movers, missing, evicted
 
 
 ROW_STEP = 128  # the largest step between padded sizes

@@ -99,8 +99,8 @@ def latency_table(stats: dict) -> str:
     storage = stats["storage_bytes_read"]
     lines += [
         f"flash bytes/token   {stats['flash_bytes_read'] / tokens / 1e6:.3f} MB "
-        f"(rows loaded {stats['rows_loaded']}, evicted {stats['rows_evicted']}, "
-        f"dropped {stats['rows_dropped']})",
+        f"(rows loaded {stats['rows_loaded']}, streamed {stats['rows_streamed']}, evicted "
+        f"{stats['rows_evicted']})",
         "storage bytes/token " + ("n/a" if storage is None else f"{storage / tokens / 1e6:.3f} MB"),
         f"DRAM peak {stats['peak_dram_bytes'] / 1e6:.1f} MB of budget "
         f"{stats['dram_budget_bytes'] / 1e6:.1f} MB (buffer rows per layer "
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--dram-budget", help="keep the FFN on flash within this DRAM budget: "
                    "bytes, '6GB', '512MiB', a fraction (0.5) or '50%%' of the dense size")
-    p.add_argument("--predictor", choices=("oracle", "lowrank", "none"),
+    p.add_argument("--predictor", choices=("oracle", "lowrank", "hybrid", "naive", "none"),
                    help="which neurons each token reads (implies flash mode; default: lowrank "
                    "when the model has predictors, else oracle)")
     p.add_argument("--window", type=int, default=4, help="keep neurons of the last k tokens")

@@ -1,8 +1,8 @@
 """A loaded model: teacher-forced logits and generation on top of the jitted decoder.
 
-``Model`` keeps every weight in DRAM (the dense path). Subclasses replace ``_prefill`` and
-``_decode`` (same signatures) to compute the FFN differently; batching, padding, positions,
-sampling and stopping live here once.
+``Model`` keeps every weight in DRAM (the dense path). Subclasses replace ``init_state``,
+``_prefill`` and ``_decode`` (same signatures; the state is a ``KVCache`` here) to compute the
+FFN differently; batching, padding, positions, sampling and stopping live here once.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ class Model:
         self.tokenizer = tokenizer
         self.path = path
 
-    # -- the two entry points a subclass may replace ------------------------------------------
+    # -- the entry points a subclass may replace ---------------------------------------------
+    def init_state(self, batch: int, slots: int):
+        """What generation carries from token to token, empty: here the KV cache."""
+        return KVCache.init(self.cfg, batch, slots, self.dtype)
+
     def _prefill(self, tokens, positions, valid, cache: KVCache):
         return opt.forward(self.cfg, self.params, tokens, positions, valid, cache)
 
@@ -76,12 +80,13 @@ class Model:
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}); found "
                              f"{int(flat.min())}..{int(flat.max())}")
 
-    def logits(self, token_ids, attention_mask=None) -> np.ndarray:
+    def logits(self, token_ids, attention_mask=None, *, return_state: bool = False):
         """Teacher-forced logits, float32 [batch, seq, vocab].
 
         ``token_ids``: one sequence, a batch of equal-length sequences, or ragged sequences
         (right-padded; logits at padded positions are meaningless). ``attention_mask`` [batch,
-        seq] marks real tokens (1) in an already padded batch.
+        seq] marks real tokens (1) in an already padded batch. With ``return_state``, returns
+        (logits, the state after the sequence).
         """
         batch, single = _as_batch(token_ids)
         self._check_ids(batch)
@@ -102,20 +107,21 @@ class Model:
                 raise ValueError(f"attention_mask has shape {mask.shape}, expected {(b, seq)}")
             valid[:, :seq] &= mask
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-        cache = KVCache.init(self.cfg, b, width, self.dtype)
-        logits, _ = self._prefill(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid),
-                                  cache)
+        logits, state = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
+                                      jnp.asarray(valid), self.init_state(b, width))
         out = np.asarray(logits[:, :seq], np.float32)
-        return out[0:1] if single else out
+        out = out[0:1] if single else out
+        return (out, state) if return_state else out
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_at_eos: bool = True):
+                 stop_at_eos: bool = True, return_state: bool = False):
         """Continue one prompt (a list of ids) or a batch of prompts of any lengths.
 
         Greedy when ``temperature`` is 0, else sampling with ``top_k`` (0: off) and ``top_p``
         (1: off) from ``seed``. Returns the new ids (a list, or a list per prompt), including
-        the end-of-sequence token when one stops a sequence.
+        the end-of-sequence token when one stops a sequence; with ``return_state``, (ids, the
+        state generation ended with).
         """
         batch, single = _as_batch(prompt_ids)
         self._check_ids(batch)
@@ -136,8 +142,7 @@ class Model:
             tokens[i, width - len(s):] = s
             valid[i, width - len(s):] = True
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-        cache = KVCache.init(self.cfg, b, _round_up(width + max_new_tokens, SLOT_BUCKET),
-                             self.dtype)
+        cache = self.init_state(b, _round_up(width + max_new_tokens, SLOT_BUCKET))
         logits, cache = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
                                       jnp.asarray(valid), cache)
         last = logits[:, -1]
@@ -157,7 +162,8 @@ class Model:
             if done.all() or step == max_new_tokens - 1:
                 break
             last, cache = self._decode(next_ids, jnp.asarray(lengths + step), cache)
-        return out[0] if single else out
+        ids = out[0] if single else out
+        return (ids, cache) if return_state else ids
 
     # -- text ----------------------------------------------------------------------------------
     def _need_tokenizer(self):

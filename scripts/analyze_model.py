@@ -74,12 +74,12 @@ def main():
     flash_seq = np.concatenate(seqs)[:args.flash_tokens]
     for k in WINDOWS:
         flash = flashjax.load(args.model_dir, dram_budget=args.dram_budget, window=k)
-        flash.logits(flash_seq)
-        stats = flash.last_stats()
-        rows = np.array(stats["rows_loaded_per_token"][8:])  # after the window has formed
+        _, state = flash.logits(flash_seq, return_state=True)
+        stats = flash.report(state)
+        rows = np.array(stats["rows_read_per_token"][8:])  # after the window has formed
         loaded[k] = {"rows_loaded_per_token": float(rows.mean()),
                      "rows_needed_per_token": stats["rows_needed"] / stats["tokens"],
-                     "rows_dropped": stats["rows_dropped"], "predictor": stats["predictor"],
+                     "rows_streamed": stats["rows_streamed"], "predictor": stats["predictor"],
                      "capacity": stats["capacity"]}
         print(f"k={k}: {loaded[k]['rows_loaded_per_token']:.1f} rows loaded per token "
               f"(needed {loaded[k]['rows_needed_per_token']:.1f}, all layers)")

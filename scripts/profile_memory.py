@@ -4,7 +4,7 @@
                                      [--trace TRACE.npz]
 
 Generates ``--tokens`` tokens with the model's predictors (or an activity trace) and times,
-per call, each layer's ``NeuronCache.plan``, the jitted update and append dispatches and the
+per call, each layer's ``NeuronCache.plan``, the jitted buffer-update dispatches and the
 building of their int32 argument; then replays the very same plans on fresh caches in a tight
 loop, which shows what the plan costs with the CPU's caches warm. Medians in µs; the memory
 phase's median per token as the engine counts it.
@@ -17,7 +17,9 @@ import time
 import numpy as np
 
 import flashjax
-from flashjax import cache, engine
+from flashjax import cache
+from flashjax.bench.run import load_options
+from flashjax.engine import kernels, schedule
 
 
 def main():
@@ -49,14 +51,12 @@ def main():
 
     options = {"predictor": "trace", "trace": args.trace} if args.trace else {}
     model = flashjax.load(args.model_dir, dram_budget=args.dram_budget, window=args.window,
-                          **options)
+                          **load_options(args.model_dir, options))
     prompt = [2] + list(range(10, 17))
     model.generate(prompt[:2], 2, stop_at_eos=False)  # compile first
     cache.NeuronCache.plan = timed(recorded_plan, "plan, in generation")
-    engine._update_fenced = timed(engine._update_fenced, "update dispatch")
-    engine._append_fenced = timed(engine._append_fenced, "append dispatch")
-    model._meta = timed(model._meta, "int32 argument")
-    model.reset()
+    schedule.update_buffer = timed(kernels.update_buffer, "update dispatch")
+    schedule.LayerWork.pack = timed(schedule.LayerWork.pack, "int32 argument")
     _, stats = model.generate(prompt, args.tokens, stop_at_eos=False, return_stats=True)
     cache.NeuronCache.plan = plan
 

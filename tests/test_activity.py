@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 import flashjax
-from flashjax.bench.activity import ActivityTrace, TraceError, layer_map, map_onto, statistics
+from flashjax.bench.activity import (
+    ActivityTrace,
+    TraceError,
+    TraceSelector,
+    layer_map,
+    map_onto,
+    statistics,
+)
 from flashjax.testing import synthetic_store, tiny_opt_config
 
 CFG = tiny_opt_config(hidden_size=64, ffn_dim=512, num_hidden_layers=2)
@@ -84,7 +91,8 @@ def test_engine_with_full_trace_equals_dense(store, tmp_path):
     path = ActivityTrace(np.ones((4, 2, 512), bool)).save(tmp_path / "all.npz")
     dense = flashjax.load(store, progress=False)
     # 1 GB is far more than this model: every layer's buffer holds all 512 neurons
-    flash = flashjax.load(store, dram_budget="1GB", predictor="trace", trace=str(path), window=1)
+    flash = flashjax.load(store, dram_budget="1GB", predictor=TraceSelector.open(path, store),
+                          window=1)
     ids, stats = flash.generate(PROMPT, 6, stop_at_eos=False, return_stats=True)
     assert stats["rows_dropped"] == 0
     assert ids == dense.generate(PROMPT, 6, stop_at_eos=False)
@@ -97,21 +105,23 @@ def test_engine_with_full_trace_equals_dense(store, tmp_path):
 def test_engine_loads_exactly_what_the_trace_needs(store, tmp_path):
     active = markov_trace(32, 2, 512, 0.05, 0.5, seed=3)
     path = ActivityTrace(active).save(tmp_path / "m.npz")
-    flash = flashjax.load(store, dram_budget="1GB", predictor="trace", trace=str(path), window=1)
-    _, stats = flash.generate(PROMPT, 12, stop_at_eos=False, return_stats=True)
+    flash = flashjax.load(store, dram_budget="1GB", predictor=TraceSelector.open(path, store),
+                          window=1)
+    _, stats, state = flash.generate(PROMPT, 12, stop_at_eos=False, return_stats=True,
+                                     return_state=True)
     steps = stats["tokens"]
     for layer in range(2):
-        assert set(flash.caches[layer].resident) == set(np.flatnonzero(active[steps - 1, layer]))
+        assert set(state.index[layer].resident) == set(np.flatnonzero(active[steps - 1, layer]))
     # window 1 with room to spare: token t loads exactly the neurons token t-1 did not need
     expected = [int(active[0].sum())] + [int((active[t] & ~active[t - 1]).sum())
                                          for t in range(1, steps)]
-    assert stats["rows_loaded_per_token"] == expected
-    assert stats["rows_dropped"] == 0
+    assert stats["rows_read_per_token"] == expected
+    assert stats["rows_dropped"] == 0 == stats["rows_streamed"]
 
 
 def test_engine_refuses_a_trace_of_another_shape(store, tmp_path):
     path = ActivityTrace(np.ones((4, 3, 512), bool)).save(tmp_path / "wrong.npz")
     with pytest.raises(TraceError, match="3 layers x 512 neurons"):
-        flashjax.load(store, dram_budget=1.0, predictor="trace", trace=str(path))
-    with pytest.raises(ValueError, match="needs trace="):
-        flashjax.load(store, dram_budget=1.0, predictor="trace")
+        TraceSelector.open(path, store)
+    with pytest.raises(TraceError, match="no such activity trace"):
+        TraceSelector.open(tmp_path / "absent.npz", store)

@@ -24,8 +24,8 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     assert list(configs) == ["naive", "hybrid", "predictor", "predictor+window unbundled",
                              "predictor+window, no overlap", "predictor+window"]
     # the same rows whether reads overlap device work or not
-    assert configs["predictor+window, no overlap"]["rows_loaded_per_token"] == \
-        configs["predictor+window"]["rows_loaded_per_token"]
+    assert configs["predictor+window, no overlap"]["rows_read_per_token"] == \
+        configs["predictor+window"]["rows_read_per_token"]
     # unbundled: the same rows, from two arrays
     assert configs["predictor+window unbundled"]["flash_bytes_per_token"] == \
         configs["predictor+window"]["flash_bytes_per_token"]
@@ -36,7 +36,7 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
         # every configuration within the one budget
         assert r["peak_dram_bytes"] <= r["budget_bytes"] == configs["naive"]["budget_bytes"]
     # the naive baseline reads every row every token; the predictor a small part of that
-    assert configs["naive"]["rows_loaded_per_token"] == 2 * 2048
+    assert configs["naive"]["rows_read_per_token"] == 2 * 2048
     assert configs["predictor+window"]["flash_bytes_per_token"] < \
         0.1 * configs["naive"]["flash_bytes_per_token"]
     assert configs["hybrid"]["flash_bytes_per_token"] < configs["naive"]["flash_bytes_per_token"]
@@ -67,7 +67,7 @@ def test_bench_with_an_activity_trace(tmp_path):
                                                "window": 1}
     # the trace decides: about 4% of 2 x 1024 rows per token, not the random model's half
     assert configs["predictor"]["rows_needed_per_token"] == pytest.approx(0.04 * 2048, rel=0.3)
-    assert result["window_sweep"]["1"] == configs["predictor"]["rows_loaded_per_token"]
+    assert result["window_sweep"]["1"] == configs["predictor"]["rows_read_per_token"]
     assert configs["predictor"]["rows_per_read_median"] > 0
 
 

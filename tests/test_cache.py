@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashjax.cache import (NeuronBuffer, NeuronCache, append_rows, bucket_for, buckets,
-                            move_rows, pad, slack_rows, update_rows)
+from flashjax.cache import NeuronCache, bucket_for, buckets, slack_rows
+from flashjax.engine.kernels import NeuronBuffer, update_buffer
+from flashjax.engine.schedule import LayerWork
 from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 from flashjax.store.reader import FlashReader
@@ -42,9 +43,10 @@ def test_cache_invariants(tokens, capacity, window):
         cache.check()  # live rows contiguous, slot <-> id a bijection
         resident = set(cache.resident.tolist())
         assert len(plan.holes) == len(plan.movers)
-        assert plan.dropped == max(0, len(set(needed)) - capacity)
-        if plan.dropped == 0:
-            assert set(needed) <= resident
+        assert plan.streamed.size == max(0, len(set(needed)) - capacity)
+        # every needed neuron is resident or streamed, never both
+        assert set(needed) == resident & set(needed) | set(plan.streamed.tolist())
+        assert not resident & set(plan.streamed.tolist())
         np.testing.assert_array_equal(buf[:cache.n], disk[cache.resident])
         recent = set().union(*map(set, tokens[max(0, t - window + 1):t + 1]))
         if len(recent) <= capacity:  # the whole window fits: exactly it is resident
@@ -109,38 +111,34 @@ def _store():
 
 
 @settings(max_examples=30, deadline=None)
-@given(tokens=steps(24), capacity=st.integers(8, 40), window=st.integers(1, 4))
-def test_device_buffer_rows_equal_bundles_on_disk(tokens, capacity, window):
-    """The jitted, donated row moves and appends with rows from the TensorStore reader."""
+@given(tokens=steps(24), capacity=st.integers(8, 40), window=st.integers(1, 4),
+       chunk=st.sampled_from([3, 8, 40]))
+def test_device_buffer_rows_equal_bundles_on_disk(tokens, capacity, window, chunk):
+    """The jitted, donated buffer updates with rows from the TensorStore reader, in the pieces
+    the engine makes of each plan (moves and appends together, or moves first when they
+    need more than one piece)."""
     path = _store()
     manifest = Manifest.read(path)
     d = manifest.config.hidden_size
     disk = bundles.read_layer(path, 0).astype(np.float32)
-    reader = FlashReader(path, manifest, max_rows=capacity, direct_io=False)
-    sizes = buckets(capacity)
+    chunk = min(chunk, capacity)
+    reader = FlashReader(path, manifest, max_rows=chunk, direct_io=False)
+    sizes = buckets(chunk)
     # the engine's buffers: capacity rows plus the slack that padded contiguous writes touch
     cache = NeuronCache(N, capacity)
-    buf = NeuronBuffer.init(capacity + slack_rows(capacity), d)
-    out = buf.up.shape[0]  # an out-of-range slot: padded moves are dropped
+    buf = NeuronBuffer.init(capacity + slack_rows(chunk), d)
     bias_of = np.arange(N, dtype=np.float32)
     for t, needed in enumerate(tokens):
         plan = cache.plan(np.array(needed, np.int32), t, window)
-        start = np.int32(plan.append_slots[0] if plan.missing.size else cache.n)
-        if plan.missing.size:
-            reader.read(0, plan.missing)
-        # as the engine, no update when nothing changes (a padded write at n = capacity could
-        # run past the slack)
-        if plan.holes.size or plan.missing.size:
-            size = bucket_for(max(plan.holes.size, plan.missing.size), sizes)
-            bias = np.zeros(size, np.float32)
-            bias[:plan.missing.size] = bias_of[plan.missing]
-            if t % 2:  # the engine's fused update
-                buf = update_rows(buf, pad(plan.holes, size, out), pad(plan.movers, size, 0), start,
-                                  reader.staging[:size], bias)
-            else:  # moves, then appends, as separate dispatches
-                buf = move_rows(buf, pad(plan.holes, size, out), pad(plan.movers, size, 0))
-                if plan.missing.size:
-                    buf = append_rows(buf, start, reader.staging[:size], bias)
+        work = LayerWork(layer=0, plan=plan, index=cache, step=t, fc1_bias=bias_of, chunk=chunk,
+                         sizes=sizes, stream_chunk=chunk, stream_sizes=sizes, rows=buf.rows)
+        for piece in work.pieces():
+            size = bucket_for(max(piece.ids.size, piece.holes.size), sizes)
+            if piece.ids.size:
+                reader.read(0, piece.ids)
+            buf, _ = update_buffer(buf, reader.staging[:size], work.pack(piece.ids, size, piece),
+                                   bias_of)
+            buf.up.block_until_ready()  # it may read the staging rows in place: before reuse
         cache.check()
         live = cache.resident
         np.testing.assert_array_equal(np.asarray(buf.up)[:cache.n], disk[live, :d])
@@ -157,13 +155,25 @@ def test_padding_stays_within_the_slack(update):
     assert len(sizes) <= 8 + update // 128  # a few compiled shapes
 
 
-def test_overflow_keeps_highest_scores():
+def test_overflow_keeps_held_rows_then_highest_scores():
     cache = NeuronCache(10, 3)
     scores = np.linspace(0, 1, 10)
     plan = cache.plan(np.array([1, 4, 7, 9, 2]), 0, 4, scores)
-    assert plan.dropped == 2 and sorted(cache.resident.tolist()) == [4, 7, 9]
+    assert plan.streamed.tolist() == [1, 2] and cache.resident.tolist() == [4, 7, 9]
+    # 7 is held already: it stays (no re-read); the two free slots take the best missing
+    # ones (6, 5); 4 and 9, in the window but not needed now, make room
+    plan = cache.plan(np.array([0, 3, 5, 6, 7]), 1, 4, scores)
+    assert plan.held.tolist() == [1]  # 7's slot before the plan
+    assert sorted(cache.resident.tolist()) == [5, 6, 7] and plan.streamed.tolist() == [0, 3]
+    assert sorted(plan.evicted.tolist()) == [4, 9]
 
 
 def test_capacity_is_checked():
     with pytest.raises(ValueError, match="capacity must be in"):
         NeuronCache(10, 11)
+
+
+def test_an_empty_cache_streams_everything():
+    cache = NeuronCache(10, 0)
+    plan = cache.plan(np.array([1, 4, 7]), 0, 4)
+    assert plan.streamed.tolist() == [1, 4, 7] and cache.n == 0 and not plan.changes

@@ -119,7 +119,7 @@ def test_collect_train_eval_end_to_end(text_model, tmp_path, capsys):
     assert result["ppl_sparse"] == pytest.approx(result["ppl_dense"], rel=0.05)
     # lowrank is now the default predictor of a flash load
     flash = flashjax.load(fj, dram_budget=1.0)
-    assert flash.options.predictor == "lowrank" and flash.memory.predictors > 0
+    assert flash.selector.name == "lowrank" and flash.memory.predictors > 0
     # a second run without --overwrite refuses; the predictors stay
     assert main(["train-predictors", str(fj), "--data", str(tmp_path / "data")]) == 2
     __import__("shutil").rmtree(fj / PREDICTORS_DIR)
@@ -150,7 +150,7 @@ def test_exact_predictor_gives_the_oracle_output(text_model, tmp_path):
     ids_o, stats_o = oracle.generate(prompt, 12, stop_at_eos=False, return_stats=True)
     ids_l, stats_l = lowrank.generate(prompt, 12, stop_at_eos=False, return_stats=True)
     assert ids_l == ids_o == dense.generate(prompt, 12, stop_at_eos=False)
-    assert stats_l["rows_loaded_per_token"] == stats_o["rows_loaded_per_token"]
+    assert stats_l["rows_read_per_token"] == stats_o["rows_read_per_token"]
     np.testing.assert_allclose(lowrank.logits(prompt + ids_o), oracle.logits(prompt + ids_o),
                                rtol=1e-5, atol=1e-5)
 

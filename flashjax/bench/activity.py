@@ -213,3 +213,46 @@ def map_onto(trace: ActivityTrace, n_layers: int, n_neurons: int, *, tokens: int
             "layer_map": sources, "layer_map_kind": how,
             "replica_offsets": offsets, "seed": seed}
     return ActivityTrace(out, meta)
+
+
+class TraceSelector:
+    """A selector for benchmarks on synthetic stores: the needed sets come from an activity
+    trace, while an untrained low-rank predictor of the store's shape runs (and is budgeted)
+    for its cost. Pass it as ``flashjax.load(..., predictor=TraceSelector.open(...))``."""
+
+    name, keeps_rows = "trace", True
+
+    def __init__(self, trace: ActivityTrace, predictor):
+        self.trace, self.predictor = trace, predictor  # predictor: engine.selectors.LowRank
+
+    @classmethod
+    def open(cls, path: str | Path, model_dir: str | Path, dtype="float32") -> TraceSelector:
+        from flashjax.engine.selectors import LowRank
+        from flashjax.predictor.model import Predictors
+        from flashjax.store.manifest import Manifest
+
+        cfg = Manifest.read(model_dir).config
+        trace = ActivityTrace.load(path)
+        trace.meta["path"] = str(path)
+        trace.check_shape(cfg.num_hidden_layers, cfg.ffn_dim, str(model_dir))
+        predictors = Predictors.random(cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers,
+                                       dtype=dtype)
+        return cls(trace, LowRank(predictors))
+
+    def shares(self):
+        return self.trace.layer_fractions()
+
+    def dram_bytes(self, dtype) -> int:
+        return self.predictor.dram_bytes(dtype)
+
+    def prepare(self, params, resident_dtype) -> None:
+        self.predictor.prepare(params, resident_dtype)
+
+    def select(self, layer, ffn_in, token_valid, step):
+        from flashjax.engine.selectors import Selection
+
+        scores = self.predictor.scores(layer, ffn_in, token_valid)  # its cost is real
+        return Selection(self.needed(step, layer), scores)
+
+    def needed(self, step: int, layer: int) -> np.ndarray:
+        return self.trace.needed(step, layer)

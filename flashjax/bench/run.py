@@ -38,7 +38,7 @@ def configurations(has_predictors: bool, window: int, trace: str | None = None
     chosen = chosen_predictor(has_predictors, trace)
     configs = {
         "naive": {"predictor": None},
-        "hybrid": {"predictor": None, "hybrid": True},
+        "hybrid": {"predictor": "hybrid"},
         "predictor": {**chosen, "window": 1},
         "predictor+window unbundled": {**chosen, "window": window, "bundled": False},
         # every piece waited for and timed on its own: what overlapping reads with device
@@ -52,6 +52,22 @@ def configurations(has_predictors: bool, window: int, trace: str | None = None
     if not has_predictors or trace is not None:
         del configs["oracle+window"]
     return configs
+
+
+def _streaming(options: dict) -> bool:
+    """The baselines that read every row (long contiguous runs), not row sets."""
+    return options.get("predictor") in (None, "naive", "hybrid")
+
+
+def load_options(model_dir, options: dict) -> dict:
+    """``flashjax.load`` keywords for a configuration's (JSON-friendly) options: a trace
+    file becomes the trace selector."""
+    if options.get("predictor") != "trace":
+        return options
+    from flashjax.bench.activity import TraceSelector
+
+    rest = {k: v for k, v in options.items() if k not in ("predictor", "trace")}
+    return {"predictor": TraceSelector.open(options["trace"], model_dir), **rest}
 
 
 def _prompt(model, prompt_tokens: int | None) -> list[int]:
@@ -91,7 +107,7 @@ def compare_with_device(r: dict, limit: dict, row_bytes: int) -> None:
     fraction of it that ``r`` achieved. The streaming baselines read long contiguous runs:
     compared with the best the device does. The others read rows, at most reader_threads at a
     time: compared at the row size (unbundled: half a bundle per read, at least one block)."""
-    streaming = r["options"].get("predictor") is None
+    streaming = _streaming(r["options"])
     chunk = _whole_blocks(row_bytes if r["options"].get("bundled", True) else row_bytes // 2)
     conc = max(1, min(r["reader_threads"], r["rows_per_read_median"]))
     device_gbps = limit["read_gbps_best"] if streaming else _device_gbps_at(limit, chunk, conc)
@@ -114,7 +130,7 @@ def compare_with_same_batches(r: dict, model_dir: Path, row_bytes: int,
     engine's own pattern, measured at the same time (the storage's rate drifts during a run)."""
     from flashjax.bench.device import batch_rate
 
-    if r["options"].get("predictor") is None or not r["rows_per_read_median"]:
+    if _streaming(r["options"]) or not r["rows_per_read_median"]:
         return
     bundled = r["options"].get("bundled", True)
     files = sorted((model_dir / bundles.FFN_DIR).glob("layer_*/c/0/0")) if bundled else \
@@ -129,14 +145,14 @@ def compare_with_same_batches(r: dict, model_dir: Path, row_bytes: int,
 
 def run_config(model_dir, budget, options: dict, tokens: int,
                prompt_tokens: int | None = None) -> dict:
-    model = flashjax.load(model_dir, dram_budget=budget, **options)
+    model = flashjax.load(model_dir, dram_budget=budget, **load_options(model_dir, options))
     prompt = _prompt(model, prompt_tokens)
     model.generate(prompt[:2], 2, stop_at_eos=False)  # compile everything first
     ids, stats = model.generate(prompt, tokens, stop_at_eos=False, return_stats=True)
     decode = slice(len(prompt), None)  # per-token figures over generated tokens only
     per = {p: np.array(stats["per_token"][f"{p}_s"][decode]) for p in PHASES}
     total = sum(per.values())
-    rows = np.array(stats["rows_loaded_per_token"][decode])
+    rows = np.array(stats["rows_read_per_token"][decode])
     row_bytes = model.reader.row_bytes
     io_s = per["io"].sum()
     io_all = sum(stats["per_token"]["io_s"])
@@ -152,7 +168,8 @@ def run_config(model_dir, budget, options: dict, tokens: int,
         if io_all > 0 and stats["storage_bytes_read"] is not None else None,
         "rows_per_read_median": float(np.median(reads)),
         "reader_threads": model.options.reader_threads,
-        "rows_loaded_per_token": float(rows.mean()),
+        "rows_read_per_token": float(rows.mean()),
+        "rows_streamed": stats["rows_streamed"],
         "rows_needed_per_token": stats["rows_needed"] / max(stats["tokens"], 1),
         "rows_dropped": stats["rows_dropped"],
         "flash_bytes_read": stats["flash_bytes_read"],
@@ -197,7 +214,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         done = next((result["configs"][n] for n, o in configs.items()
                      if o == {**chosen, "window": k}), None)
         sweep[str(k)] = (done or run_config(model_dir, dram_budget, {**chosen, "window": k},
-                                            tokens, prompt_tokens))["rows_loaded_per_token"]
+                                            tokens, prompt_tokens))["rows_read_per_token"]
     result["window_sweep"] = sweep
     if device:
         from flashjax.bench.device import device_limit
@@ -330,8 +347,8 @@ def plot(result: dict, out_dir) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = sorted(result["window_sweep"], key=int)
     ax.plot([int(k) for k in ks], [result["window_sweep"][k] for k in ks], marker="o")
-    ax.set(xlabel="window k (tokens)", ylabel="rows loaded per token (all layers)",
-           title="rows loaded from flash vs window")
+    ax.set(xlabel="window k (tokens)", ylabel="rows read per token (all layers)",
+           title="rows read from flash vs window")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(out_dir / "window_rows.png")

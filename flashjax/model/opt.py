@@ -15,6 +15,17 @@ from flashjax.config import ModelConfig
 from flashjax.model.layers import DecoderLayer, KVCache
 
 
+def run_layers(n_layers: int, h, kv, *, attend, ffn, finish):
+    """The decoder's layer loop, the one every path runs: per layer ``attend(i, h, kv) ->
+    (h, ffn_in, kv)``, ``ffn(i, ffn_in) -> ffn_out``, ``finish(i, h, ffn_out) -> h``. The dense
+    model calls it inside jit with its modules; the flash engine on the host with jitted
+    pieces and the FFN from flash; activation collection with an FFN that records."""
+    for i in range(n_layers):
+        h, ffn_in, kv = attend(i, h, kv)
+        h = finish(i, h, ffn(i, ffn_in))
+    return h, kv
+
+
 class OPT(nn.Module):
     """Embeddings, ``num_hidden_layers`` decoder layers, final norm and the tied LM head."""
 
@@ -56,15 +67,23 @@ class OPT(nn.Module):
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens, positions, token_valid, cache: KVCache):
-        """Run S tokens through every layer with the dense FFN, writing them into the cache at
-        ``cache.index``. token_valid: [B, S] bool (False for padding). Returns (logits, cache)."""
+    def __call__(self, tokens, positions, token_valid, cache: KVCache, ffn=None):
+        """Run S tokens through every layer, writing them into the cache at ``cache.index``.
+        token_valid: [B, S] bool (False for padding). ``ffn(i, layer, ffn_in)``, when given,
+        computes layer i's FFN instead of its dense FFN (activation collection records with
+        it). Returns (logits, cache)."""
         valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, axis=1)
-        h = self.embed(tokens, positions)
-        keys, values = cache.keys, cache.values
-        for i, layer in enumerate(self.layers):
-            h, k, v = layer(h, keys[i], values[i], valid, cache.index)
-            keys, values = keys.at[i].set(k), values.at[i].set(v)
+        ffn = ffn or (lambda i, layer, x: layer.ffn(x))
+
+        def attend(i, h, kv):
+            keys, values = kv
+            h, ffn_in, k, v = self.layers[i].attend(h, keys[i], values[i], valid, cache.index)
+            return h, ffn_in, (keys.at[i].set(k), values.at[i].set(v))
+
+        h, (keys, values) = run_layers(
+            len(self.layers), self.embed(tokens, positions), (cache.keys, cache.values),
+            attend=attend, ffn=lambda i, x: ffn(i, self.layers[i], x),
+            finish=lambda i, h, out: self.layers[i].finish(h, out))
         cache = KVCache(keys=keys, values=values, valid=valid,
                         index=cache.index + tokens.shape[1])
         return self.head(h), cache

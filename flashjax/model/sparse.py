@@ -1,31 +1,28 @@
-"""The FFN over a layer's padded neuron buffer (the flash path's FFN).
+"""The FFN over a set of neuron rows: the flash path's one FFN.
 
-Shape legend: B batch, S tokens, D model width, C buffer capacity.
+Shape legend: B batch, S tokens, D model width, C rows (a neuron buffer's slots, or rows
+just read into a staging buffer).
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
-class SparseFFN(nn.Module):
-    """relu(x @ up.T + bias) @ down over the live slots [first, n_live) of a neuron buffer.
+def sparse_ffn(x, up, down, bias, mask):
+    """relu(x @ up.T + bias) @ down over the rows where ``mask`` is True.
 
-    The slots hold any subset of the layer's neurons in any order; rows at slots >= n_live
-    are stale and contribute nothing. The fc2 bias is added by the caller (once per layer,
-    also when a layer is streamed through the buffer in several chunks). With every neuron
-    that fires for x resident, the result equals the dense FFN's (minus fc2's bias).
+    x: [B, S, D]; up, down: [C, D]; bias: [C]; mask: [C] bool -> [B, S, D] in up's dtype.
+
+    The rows hold any subset of a layer's neurons in any order; masked rows (stale slots,
+    rows resident but not needed by this token, padding) contribute nothing. The fc2 bias
+    is added by the caller, once per layer, however many row sets the layer's FFN is summed
+    over. With every neuron that fires for x among the unmasked rows, the result equals the
+    dense FFN's (minus fc2's bias).
     """
-
-    @nn.compact
-    def __call__(self, x, up, down, bias, n_live, first=0):
-        """x: [B, S, D]; up, down: [C, D]; bias: [C]; n_live, first: int32 scalars -> [B, S, D]."""
-        slot = jnp.arange(up.shape[0])
-        live = (slot >= first) & (slot < n_live)  # [C]
-        # [B, S, C]
-        h = jnp.einsum("bsd,cd->bsc", x.astype(up.dtype), up) + bias
-        h = jnp.where(live, jax.nn.relu(h), 0)
-        # [B, S, D]
-        return jnp.einsum("bsc,cd->bsd", h, down)
+    # [B, S, C]
+    h = jnp.einsum("bsd,cd->bsc", x.astype(up.dtype), up) + bias
+    h = jnp.where(mask, jax.nn.relu(h), 0)
+    # [B, S, D]
+    return jnp.einsum("bsc,cd->bsd", h, down)

@@ -29,15 +29,16 @@ META = "meta.json"
 
 
 def _activations(module: OPT, tokens, positions, valid, cache: KVCache):
-    h = module.embed(tokens, positions)
     ins, bits = [], []
-    for i, layer in enumerate(module.layers):
-        h, ffn_in, _, _ = layer.attend(h, cache.keys[i], cache.values[i], valid, 0)
+
+    def record(i, layer, ffn_in):  # the dense FFN, keeping its input and which neurons fire
         pre = layer.ffn.fc1(ffn_in)
-        h = layer.finish(h, layer.ffn.fc2(jax.nn.relu(pre)))
         ins.append(ffn_in.astype(jnp.float16))
         bits.append(jnp.packbits(pre > 0, axis=-1, bitorder="little"))
-    return jnp.stack(ins), jnp.stack(bits), module.head(h)
+        return layer.ffn.fc2(jax.nn.relu(pre))
+
+    logits, _ = module(tokens, positions, valid, cache, ffn=record)
+    return jnp.stack(ins), jnp.stack(bits), logits
 
 
 @functools.partial(jax.jit, static_argnums=0)

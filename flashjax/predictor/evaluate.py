@@ -44,27 +44,27 @@ def evaluate(model_dir, text, *, dram_budget="50%", window: int = 4, tokens: int
     logits_per_layer = [[] for _ in range(cfg.num_hidden_layers)]
     labels_per_layer = [[] for _ in range(cfg.num_hidden_layers)]
     flash_bytes = storage_bytes = flash_tokens = 0
-    dropped = 0
+    streamed = 0
     for seq in tqdm(seqs, desc="eval", unit="seq", disable=not progress):
         ins, bits, logits = ffn_activations(cfg, dense.params, jnp.asarray(seq[None]))
         nll_dense.append(_nll(np.asarray(logits[0]), seq))
         ins, bits = np.asarray(ins), np.asarray(bits)
-        for layer, params in enumerate(flash.predictors.params):
+        for layer, params in enumerate(flash.selector.predictors.params):
             x = jnp.asarray(ins[layer, 0].astype(np.float32))  # [S, D], one token each
             logits_per_layer[layer].append(np.asarray(predictor_logits(params, x)))
             labels_per_layer[layer].append(np.unpackbits(bits[layer, 0], axis=-1,
                                                          count=cfg.ffn_dim,
                                                          bitorder="little").astype(bool))
-        sparse_logits = flash.logits(seq)[0]
-        stats = flash.last_stats()
+        sparse_logits, state = flash.logits(seq, return_state=True)
+        sparse_logits, stats = sparse_logits[0], flash.report(state)
         nll_sparse.append(_nll(sparse_logits, seq))
         flash_bytes += stats["flash_bytes_read"]
         storage_bytes += stats["storage_bytes_read"] or 0
         flash_tokens += stats["tokens"]
-        dropped += stats["rows_dropped"]
+        streamed += stats["rows_streamed"]
     layers = [layer_metrics(np.concatenate(lg), np.concatenate(lb), thr)
               for lg, lb, thr in zip(logits_per_layer, labels_per_layer,
-                                     flash.predictors.thresholds)]
+                                     flash.selector.predictors.thresholds)]
     ppl_dense = float(np.exp(np.concatenate(nll_dense).mean()))
     ppl_sparse = float(np.exp(np.concatenate(nll_sparse).mean()))
     return {
@@ -79,7 +79,7 @@ def evaluate(model_dir, text, *, dram_budget="50%", window: int = 4, tokens: int
         "layers": layers,
         "flash_bytes_per_token": flash_bytes / max(flash_tokens, 1),
         "storage_bytes_per_token": storage_bytes / max(flash_tokens, 1),
-        "rows_dropped": dropped,
+        "rows_streamed": streamed,
         "dram_budget_bytes": flash.memory.budget,
         "capacity": flash.memory.capacity,
         "window": window,

@@ -1,0 +1,178 @@
+"""The engine's jitted pieces. Every layer has the same shapes, so each compiles once (the
+row kernels once per padded row count).
+
+Resident weights may be held in a narrower dtype than the computation (to fit a budget); each
+piece widens what it uses to the dtype of the activations or KV cache.
+
+Shape legend: B batch, D model width, N a layer's neurons, C a buffer's rows, S staged rows
+(padded), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from flashjax.config import ModelConfig
+from flashjax.engine.state import NeuronBuffer
+from flashjax.model.layers import DecoderLayer, KVCache
+from flashjax.model.opt import OPT
+from flashjax.model.sparse import sparse_ffn
+
+
+@struct.dataclass
+class RowUpdate:
+    """A read's small arguments, travelling as one int32 array of 3 S + 2 entries (each numpy
+    argument of a jitted call costs ~8 us of dispatch on CPU).
+
+    ids [S]: the neuron ids in the staged rows, padded with 0 (their fc1 biases are gathered
+    on the device from the layer's resident bias vector); holes [S] <- movers [S]: row moves,
+    holes padded out of range (dropped), movers with 0; count: staged rows that are real;
+    start: the slot the first staged row is appended at.
+    """
+
+    ids: jax.Array
+    holes: jax.Array
+    movers: jax.Array
+    count: jax.Array
+    start: jax.Array
+
+    @staticmethod
+    def pack(size: int, ids, *, no_slot: int, holes=(), movers=(), start: int = 0
+             ) -> np.ndarray:
+        """The int32 array for ``ids`` staged and padded to ``size`` rows, with the moves
+        ``holes[i] <- movers[i]`` (at most ``size``) and appends from ``start``; ``no_slot``
+        is a slot index past the buffer."""
+        packed = np.zeros(3 * size + 2, np.int32)
+        packed[:len(ids)] = ids
+        packed[size:2 * size] = no_slot
+        packed[size:size + len(holes)] = holes
+        packed[2 * size:2 * size + len(movers)] = movers
+        packed[3 * size] = len(ids)
+        packed[3 * size + 1] = start
+        return packed
+
+    @classmethod
+    def unpack(cls, packed) -> RowUpdate:
+        """Inside jit: the fields of a packed array (S from its static length)."""
+        size = (packed.shape[0] - 2) // 3
+        return cls(ids=packed[:size], holes=packed[size:2 * size],
+                   movers=packed[2 * size:3 * size], count=packed[3 * size],
+                   start=packed[3 * size + 1])
+
+
+def _widen(tree, like):
+    return jax.tree.map(lambda x: x.astype(like.dtype), tree)
+
+
+def _add(acc, out):
+    return out if acc is None else acc + out.astype(acc.dtype)
+
+
+def _staged_parts(rows, update: RowUpdate, fc1_bias, dtype):
+    """Staging rows [S, 2D] (storage dtype) -> up, down [S, D], bias [S] in ``dtype`` and the
+    mask of real rows [S]."""
+    d = rows.shape[1] // 2
+    rows = rows.astype(dtype)
+    live = jnp.arange(rows.shape[0]) < update.count
+    return rows[:, :d], rows[:, d:], fc1_bias[update.ids].astype(dtype), live
+
+
+@jax.jit
+def ffn_held(buf: NeuronBuffer, mask, ffn_in, acc):
+    """acc + the FFN over the buffer's rows where ``mask`` [C] is True (fc2 bias not added;
+    acc None: nothing to add to)."""
+    return _add(acc, sparse_ffn(ffn_in, buf.up, buf.down, buf.bias, mask))
+
+
+@jax.jit
+def ffn_staged(rows, packed, fc1_bias, ffn_in, acc):
+    """acc + the FFN over the real rows just read (staging rows [S, 2D], ``packed`` a
+    ``RowUpdate``); rows past the count read are stale and masked."""
+    up, down, bias, live = _staged_parts(rows, RowUpdate.unpack(packed), fc1_bias, ffn_in.dtype)
+    return _add(acc, sparse_ffn(ffn_in, up, down, bias, live))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def update_buffer(buf: NeuronBuffer, rows, packed, fc1_bias):
+    """One layer's change in one dispatch: the moves of ``packed``, then its real staged rows
+    appended from its start slot (the appended slots may be slots the moves emptied). The
+    buffer is donated: rebind it to the result. Also returns a scalar ready only once the new
+    buffer is: the fence for the staging rows it read (the buffer itself cannot be one: the
+    next update donates it)."""
+    u = RowUpdate.unpack(packed)
+    up = buf.up.at[u.holes].set(buf.up[u.movers], mode="drop")
+    down = buf.down.at[u.holes].set(buf.down[u.movers], mode="drop")
+    bias = buf.bias.at[u.holes].set(buf.bias[u.movers], mode="drop")
+    new_up, new_down, new_bias, live = _staged_parts(rows, u, fc1_bias, buf.up.dtype)
+
+    def put(old, new):  # a contiguous write of the real rows; the slots past them keep theirs
+        now = jax.lax.dynamic_slice_in_dim(old, u.start, new.shape[0])
+        mask = live.reshape(-1, *([1] * (new.ndim - 1)))
+        return jax.lax.dynamic_update_slice_in_dim(old, jnp.where(mask, new, now), u.start, 0)
+
+    buf = NeuronBuffer(up=put(up, new_up), down=put(down, new_down), bias=put(bias, new_bias))
+    return buf, buf.bias[0]
+
+
+def compile_row_kernels(buffers, fc1_biases, staging, capacities, sizes, stream_sizes, dtype):
+    """Compile the row kernels for every buffer shape and padded size (a layer of each
+    distinct capacity, its update sizes ``sizes[l]``, and the streamed ``stream_sizes``);
+    returns the buffers (donated to the updates, which change nothing)."""
+    x = jnp.zeros((1, 1, buffers[0].up.shape[1]), dtype)
+    staged = set()
+    for layer in sorted({capacities.index(c) for c in capacities}):
+        buf, bias = buffers[layer], fc1_biases[layer]
+        ffn_held(buf, np.zeros(buf.rows, bool), x, None)
+        for size in sizes[layer]:
+            buf, _ = update_buffer(buf, staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows),
+                                   bias)
+        for size in sorted((set(sizes[layer]) | set(stream_sizes)) - staged):
+            packed = RowUpdate.pack(size, [], no_slot=buf.rows)
+            ffn_staged(staging[:size], packed, bias, x, None)
+            ffn_staged(staging[:size], packed, bias, x, x)
+            staged.add(size)
+        buffers[layer] = buf
+    return jax.block_until_ready(buffers)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
+def embed(cfg: ModelConfig, params, tokens, positions, token_valid, kv: KVCache):
+    """tokens, positions, token_valid: [B] -> h [B, 1, D]; marks the new cache slot."""
+    valid = jax.lax.dynamic_update_slice_in_dim(kv.valid, token_valid[:, None], kv.index, axis=1)
+    params = _widen(params, kv.keys)
+    h = OPT(cfg).apply({"params": params}, tokens[:, None], positions[:, None], method=OPT.embed)
+    return h, kv.replace(valid=valid)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def attend(cfg: ModelConfig, layer_params, h, kv: KVCache, layer):
+    """Attention of layer ``layer`` -> (h, ffn_in [B, 1, D], kv)."""
+    layer_params = _widen(layer_params, h)
+    keys = jax.lax.dynamic_index_in_dim(kv.keys, layer, keepdims=False)
+    values = jax.lax.dynamic_index_in_dim(kv.values, layer, keepdims=False)
+    h, ffn_in, keys, values = DecoderLayer(cfg).apply(
+        {"params": layer_params}, h, keys, values, kv.valid, kv.index, method=DecoderLayer.attend)
+    kv = kv.replace(keys=jax.lax.dynamic_update_index_in_dim(kv.keys, keys, layer, axis=0),
+                    values=jax.lax.dynamic_update_index_in_dim(kv.values, values, layer, axis=0))
+    return h, ffn_in, kv
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def finish(cfg: ModelConfig, layer_params, h, ffn_out):
+    """The layer's FFN output (fc2 bias added here, once) back into the residual stream."""
+    layer_params = _widen(layer_params, h)
+    ffn_out = ffn_out + layer_params["ffn"]["fc2"]["bias"]
+    return DecoderLayer(cfg).apply({"params": layer_params}, h, ffn_out, method=DecoderLayer.finish)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+def head(cfg: ModelConfig, params, h, kv: KVCache):
+    """-> (logits [B, V] float32, kv with its next slot)."""
+    params = _widen(params, h)
+    logits = OPT(cfg).apply({"params": params}, h, method=OPT.head)[:, 0]
+    return logits, kv.replace(index=kv.index + 1)

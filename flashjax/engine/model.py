@@ -1,0 +1,178 @@
+"""``FlashModel``: generation with the FFN on flash, one decode step at a time.
+
+Per token: embed, then per layer attend (jit) -> select the needed neurons (host) -> plan the
+buffer's change (host) -> the schedule's reads, updates and FFN pieces -> finish (jit); then
+the head. Each phase is timed in one place (``Stats.phase``) and marked for the profiler.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.budget import MemoryPlan
+from flashjax.cache import buckets
+from flashjax.config import ModelConfig
+from flashjax.engine import kernels
+from flashjax.engine.options import EngineOptions
+from flashjax.engine.schedule import LayerWork, Overlapped, Sequential
+from flashjax.engine.selectors import Selector
+from flashjax.engine.state import FlashState, NeuronBuffer
+from flashjax.model.layers import KVCache
+from flashjax.model.opt import run_layers
+from flashjax.runtime import Model
+from flashjax.store.reader import FlashReader
+
+
+class FlashModel(Model):
+    """A model whose FFN weights stay on flash; see ``flashjax.load(..., dram_budget=...)``.
+
+    ``init_state(batch, slots)`` makes a ``FlashState`` with nothing resident (reusing the
+    buffers' memory); ``prefill`` and ``decode_step`` take one and return the next.
+    ``generate``/``logits`` do that for a whole call (``return_state=True`` hands back the
+    state they ended with).
+    """
+
+    def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
+                 options: EngineOptions, selector: Selector, **kw):
+        super().__init__(cfg, params, **kw)
+        self.reader, self.memory, self.options, self.selector = reader, plan, options, selector
+        self.schedule = (Overlapped if options.overlap else Sequential)(reader)
+        self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
+        # rows kept resident per layer: none for a selector that streams everything
+        self.capacities = plan.capacities if selector.keeps_rows else (0,) * len(plan.capacities)
+        # a layer's largest update is bounded by its capacity; streamed rows by the staging
+        self.chunks = [min(plan.update_rows, c) for c in self.capacities]
+        self.sizes = [buckets(c) if c else [] for c in self.chunks]
+        self.stream_sizes = buckets(plan.update_rows)
+        self._buffers = None
+        self._warm_up()
+
+    # -- state ---------------------------------------------------------------------------------
+    def _new_buffers(self) -> list[NeuronBuffer]:
+        return [NeuronBuffer.init(c + self.memory.slack_rows, self.cfg.hidden_size, self.dtype)
+                for c in self.memory.capacities]
+
+    def init_state(self, batch: int, slots: int) -> FlashState:
+        if batch > self.options.max_batch or slots > self.options.max_context:
+            raise ValueError(
+                f"batch {batch} x {slots} KV slots exceeds what the DRAM budget reserved "
+                f"(max_batch {self.options.max_batch} x max_context {self.options.max_context}); "
+                f"load with larger max_batch/max_context")
+        buffers = self._buffers
+        if buffers is None or any(b.up.is_deleted() for b in buffers):  # (an interrupted call)
+            buffers = self._new_buffers()
+        self._buffers = None  # donated to the state's updates from here on
+        self.schedule.reset()
+        return FlashState.init(KVCache.init(self.cfg, batch, slots, self.dtype), buffers,
+                               self.capacities, self.cfg.ffn_dim)
+
+    def _done(self, state: FlashState) -> None:
+        self._buffers = list(state.buffers)  # the next call reuses their memory
+
+    def _warm_up(self) -> None:
+        """Compile the row kernels for every padded size now, not while generating."""
+        state = self.init_state(1, 1)
+        buffers = kernels.compile_row_kernels(
+            list(state.buffers), [p["ffn"]["fc1"]["bias"] for p in self.layer_params],
+            self.reader.staging, self.capacities, self.sizes, self.stream_sizes, self.dtype)
+        self._done(state.next_token(state.kv, buffers))
+
+    # -- one token through all layers ----------------------------------------------------------
+    def _work(self, state: FlashState, layer: int, ffn_in, token_valid) -> LayerWork:
+        stats = state.stats
+        with stats.phase("predictor"):
+            needed = self.selector.select(layer, ffn_in, token_valid, state.step)
+        with stats.phase("memory"):
+            index = state.index[layer]
+            plan = index.plan(needed.ids, state.step, self.options.window, needed.scores)
+        stats.rows_needed += int(needed.ids.size)
+        stats.rows_evicted += int(plan.evicted.size)
+        return LayerWork(layer=layer, plan=plan, index=index, step=state.step,
+                         fc1_bias=self.layer_params[layer]["ffn"]["fc1"]["bias"],
+                         chunk=self.chunks[layer], sizes=self.sizes[layer],
+                         stream_chunk=self.memory.update_rows, stream_sizes=self.stream_sizes,
+                         rows=state.buffers[layer].rows)
+
+    def decode_step(self, state: FlashState, tokens, positions, token_valid=None):
+        """One token per sequence: tokens, positions [B] -> (logits [B, V], next state)."""
+        cfg, stats = self.cfg, state.stats
+        if token_valid is None:
+            token_valid = jnp.ones(tokens.shape, bool)
+        buffers = list(state.buffers)
+
+        def attend(layer, h, kv):
+            with stats.phase("compute"):
+                h, ffn_in, kv = kernels.attend(cfg, self.layer_params[layer], h, kv, layer)
+                ffn_in.block_until_ready()
+            return h, ffn_in, kv
+
+        def ffn(layer, ffn_in):
+            work = self._work(state, layer, ffn_in, token_valid)
+            return self.schedule.layer(buffers, work, ffn_in, stats)
+
+        def finish(layer, h, ffn_out):
+            with stats.phase("compute"):
+                return kernels.finish(cfg, self.layer_params[layer], h, ffn_out)
+
+        with jax.profiler.StepTraceAnnotation("decode", step_num=state.step):
+            with stats.phase("compute"):
+                h, kv = kernels.embed(cfg, self.params, tokens, positions, token_valid, state.kv)
+            h, kv = run_layers(cfg.num_hidden_layers, h, kv, attend=attend, ffn=ffn,
+                               finish=finish)
+            with stats.phase("compute"):
+                logits, kv = kernels.head(cfg, self.params, h, kv)
+            self.schedule.flush(buffers, stats)  # runs after the head, while the host samples
+            with stats.phase("compute"):
+                logits.block_until_ready()
+        stats.end_token()
+        return logits, state.next_token(kv, buffers)
+
+    def prefill(self, state: FlashState, tokens, positions, valid):
+        """The prompt one token at a time, so the window forms as in decoding:
+        tokens, positions, valid [B, S] -> (logits [B, S, V] numpy, state)."""
+        tokens, positions, valid = (np.asarray(a) for a in (tokens, positions, valid))
+        logits = np.zeros((*tokens.shape, self.cfg.vocab_size), np.float32)
+        for j in range(tokens.shape[1]):
+            if not valid[:, j].any():  # a column of padding only: nothing to compute
+                state = state.replace(kv=state.kv.replace(index=state.kv.index + 1))
+                continue
+            step_logits, state = self.decode_step(state, jnp.asarray(tokens[:, j]),
+                                                  jnp.asarray(positions[:, j]),
+                                                  jnp.asarray(valid[:, j]))
+            logits[:, j] = np.asarray(step_logits)
+        return logits, state
+
+    # -- the runtime's entry points --------------------------------------------------------------
+    def _prefill(self, tokens, positions, valid, state: FlashState):
+        return self.prefill(state, tokens, positions, valid)
+
+    def _decode(self, tokens, positions, state: FlashState):
+        return self.decode_step(state, tokens, positions)
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, *, return_stats: bool = False,
+                 return_state: bool = False, **kw):
+        """As ``Model.generate``; with ``return_stats`` also the stats (see README), with
+        ``return_state`` the final ``FlashState``: ``ids[, stats][, state]``."""
+        ids, state = super().generate(prompt_ids, max_new_tokens, return_state=True, **kw)
+        self._done(state)
+        out = (ids,) + ((self.report(state),) if return_stats else ()) + \
+            ((state,) if return_state else ())
+        return out if len(out) > 1 else ids
+
+    def logits(self, token_ids, attention_mask=None, *, return_state: bool = False):
+        logits, state = super().logits(token_ids, attention_mask, return_state=True)
+        self._done(state)
+        return (logits, state) if return_state else logits
+
+    def report(self, state: FlashState) -> dict:
+        """The stats of the generation that ``state`` ended (see README)."""
+        plan = self.memory
+        return {
+            "dram_budget_bytes": plan.budget, "peak_dram_bytes": plan.total,
+            "memory": plan.as_dict(), **state.stats.report(self.reader.row_bytes),
+            "predictor": self.selector.name, "window": self.options.window,
+            "direct_io": self.options.direct_io, "capacity": plan.capacity,
+            "capacities": list(plan.capacities), "update_rows": plan.update_rows,
+            "oracle_bytes": getattr(self.selector, "outside_budget_bytes", 0)}

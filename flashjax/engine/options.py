@@ -1,0 +1,36 @@
+"""How a flash-backed model runs: what jit does not specialise on."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Options of ``flashjax.load(..., dram_budget=...)`` beyond the budget and predictor.
+    None of them changes what is computed, only memory and speed."""
+
+    window: int = 4  # keep neurons needed by the last k tokens (the paper's OPT setting)
+    direct_io: bool = True  # O_DIRECT reads: the page cache never serves the flash store
+    reader_threads: int = 32  # concurrent reads in flight (the paper used 32)
+    max_context: int | None = None  # KV-cache slots reserved (None: min(max positions, 256))
+    resident_dtype: str | None = None  # dtype of resident weights in DRAM (None: see load)
+    max_batch: int = 1  # sequences per batch reserved in the budget
+    verify_reads: bool = False  # crc32-check every row read
+    bundled: bool = True  # False: read up and down halves from the unbundled copy (benchmarks)
+    update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
+    overlap: bool = True  # buffer updates and FFN work run while the next rows are read
+    io_uring: bool | None = None  # row sets read through io_uring (None: where it can be)
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        for name in ("reader_threads", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.update_rows is not None and self.update_rows < 1:
+            raise ValueError(f"update_rows must be >= 1, got {self.update_rows}")
+
+
+def option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(EngineOptions))

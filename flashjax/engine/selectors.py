@@ -1,0 +1,141 @@
+"""Selectors: which of a layer's neurons a token needs.
+
+A selector answers, per layer and token, with the sorted ids of the neurons whose rows the
+FFN is computed over, and optionally a score per neuron (higher: keep first when a buffer
+overflows). The engine computes the FFN over exactly that set whatever the budget, window or
+schedule; only a selector decides what is computed.
+
+* ``Oracle``: the exact active set, from the full up-projection (held outside the budget):
+  the result equals the dense model's. For tests and as an upper bound.
+* ``LowRank``: the trained low-rank predictors, thresholded per layer (an approximation the
+  user asks for by choosing it).
+* ``Naive``, ``Hybrid``: every neuron, every token (the baselines): naive keeps nothing
+  resident and reads every row each time; hybrid keeps what fits and streams only the rest.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashjax.predictor.model import Predictors, predict_scores
+
+
+class Selection(NamedTuple):
+    ids: np.ndarray  # sorted int32 neuron ids
+    scores: np.ndarray | None  # [N] float, or None
+
+
+class Selector(Protocol):
+    name: str
+    keeps_rows: bool  # False: rows are never kept resident (every one is streamed)
+
+    def shares(self) -> list[float] | None:
+        """Each layer's expected fraction of needed neurons (to size its buffer), if known."""
+
+    def dram_bytes(self, dtype) -> int:
+        """What the selector holds inside the DRAM budget, with its weights in ``dtype``."""
+
+    def prepare(self, params, resident_dtype) -> None:
+        """Once the model's resident ``params`` are loaded: hold the selector's weights in the
+        resident dtype the budget chose, and take what it uses of the params."""
+
+    def select(self, layer: int, ffn_in, token_valid, step: int) -> Selection:
+        """ffn_in [B, 1, D], token_valid [B] (padding rows need nothing)."""
+
+
+@jax.jit
+def _oracle_scores(w_up, b_up, ffn_in, token_valid):
+    """Exact FFN pre-activations [N], the max over the batch's real tokens."""
+    pre = jnp.einsum("bsd,dn->bsn", ffn_in, w_up) + b_up
+    pre = jnp.where(token_valid[:, None, None], pre, -jnp.inf)
+    return pre.max(axis=(0, 1))
+
+
+class Oracle:
+    """Neurons whose ReLU input is > 0 for some real token of the batch."""
+
+    name, keeps_rows = "oracle", True
+
+    def __init__(self, up, shares=None):
+        self.up = up  # per layer w_up [D, N] on the device, in the compute dtype
+        self.bias = None  # per layer b_up [N]: the resident fc1 biases (``prepare``)
+        self._shares = shares
+
+    @property
+    def outside_budget_bytes(self) -> int:
+        return sum(w.nbytes for w in self.up)
+
+    def shares(self):
+        return self._shares
+
+    def dram_bytes(self, dtype) -> int:
+        return 0  # held outside the budget (reported as oracle_bytes)
+
+    def prepare(self, params, resident_dtype) -> None:
+        self.bias = [params[f"layers_{i}"]["ffn"]["fc1"]["bias"].astype(w.dtype)
+                     for i, w in enumerate(self.up)]
+
+    def select(self, layer, ffn_in, token_valid, step) -> Selection:
+        scores = np.asarray(_oracle_scores(self.up[layer], self.bias[layer], ffn_in, token_valid))
+        return Selection(np.flatnonzero(scores > 0).astype(np.int32), scores)
+
+
+class LowRank:
+    """The trained predictors: neurons whose logit reaches the layer's threshold."""
+
+    name, keeps_rows = "lowrank", True
+
+    def __init__(self, predictors: Predictors):
+        self.predictors = predictors
+
+    def shares(self):
+        return self.predictors.layer_weights()
+
+    def dram_bytes(self, dtype) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.predictors.params)) * \
+            jnp.dtype(dtype).itemsize
+
+    def prepare(self, params, resident_dtype) -> None:
+        self.predictors.params = jax.tree.map(lambda x: x.astype(resident_dtype),
+                                              self.predictors.params)
+
+    def scores(self, layer, ffn_in, token_valid) -> np.ndarray:
+        return np.asarray(predict_scores(self.predictors.params[layer], ffn_in, token_valid))
+
+    def select(self, layer, ffn_in, token_valid, step) -> Selection:
+        scores = self.scores(layer, ffn_in, token_valid)
+        ids = np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32)
+        return Selection(ids, scores)
+
+
+class _AllRows:
+    def __init__(self, n_neurons: int):
+        self._all = np.arange(n_neurons, dtype=np.int32)
+
+    def shares(self):
+        return None
+
+    def dram_bytes(self, dtype) -> int:
+        return 0
+
+    def prepare(self, params, resident_dtype) -> None:
+        pass
+
+    def select(self, layer, ffn_in, token_valid, step) -> Selection:
+        return Selection(self._all, None)
+
+
+class Naive(_AllRows):
+    """Every row of every layer read from flash for every token."""
+
+    name, keeps_rows = None, False
+
+
+class Hybrid(_AllRows):
+    """Every row every token; the rows that fit stay resident, the rest are read each time."""
+
+    name, keeps_rows = "hybrid", True

@@ -1,0 +1,75 @@
+"""Counters and per-token timings of one generation, each phase timed in one place."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import jax
+import numpy as np
+
+from flashjax.store.reader import storage_read_bytes
+
+PHASES = ("io", "memory", "predictor", "compute")
+
+
+class Stats:
+    """Per token: host seconds in each phase; in all: rows needed, loaded into buffers,
+    streamed past them, evicted. ``rows_dropped`` is always 0: rows that do not fit are
+    streamed, never skipped (it stays in the report for readers of older results)."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.rows_loaded = self.rows_streamed = self.rows_evicted = self.rows_needed = 0
+        self.per_token: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.rows_read_per_token: list[int] = []
+        self.rows_per_read: list[int] = []  # rows of each reader call (its concurrency)
+        self._storage0 = storage_read_bytes()
+        self._current = dict.fromkeys(PHASES, 0.0)
+        self._read_now = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time the block as phase ``name`` (host seconds) and mark it for the profiler."""
+        t0 = time.perf_counter()
+        with jax.profiler.TraceAnnotation(name):
+            yield
+        self._current[name] += time.perf_counter() - t0
+
+    def read(self, rows: int, *, streamed: bool) -> None:
+        """``rows`` came from flash in one reader call."""
+        if streamed:
+            self.rows_streamed += rows
+        else:
+            self.rows_loaded += rows
+        self._read_now += rows
+        self.rows_per_read.append(rows)
+
+    def end_token(self) -> None:
+        for p in PHASES:
+            self.per_token[p].append(self._current[p])
+        self.rows_read_per_token.append(self._read_now)
+        self._current = dict.fromkeys(PHASES, 0.0)
+        self._read_now = 0
+        self.tokens += 1
+
+    def report(self, row_bytes: int) -> dict:
+        storage = storage_read_bytes()
+        totals = [sum(v) for v in zip(*self.per_token.values())]
+        return {
+            "flash_bytes_read": (self.rows_loaded + self.rows_streamed) * row_bytes,
+            "storage_bytes_read": None if storage is None or self._storage0 is None
+            else storage - self._storage0,
+            "rows_loaded": self.rows_loaded,
+            "rows_streamed": self.rows_streamed,
+            "rows_evicted": self.rows_evicted,
+            "rows_dropped": 0,
+            "rows_needed": self.rows_needed,
+            "tokens": self.tokens,
+            "rows_read_per_token": self.rows_read_per_token,
+            "rows_per_read": self.rows_per_read,
+            "per_token": {**{f"{p}_s": self.per_token[p] for p in PHASES}, "total_s": totals},
+            **{f"median_{p}_s": float(np.median(self.per_token[p])) if self.tokens else 0.0
+               for p in PHASES},
+            "median_total_s": float(np.median(totals)) if totals else 0.0,
+        }

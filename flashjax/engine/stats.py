@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import jax
@@ -28,13 +27,10 @@ class Stats:
         self._current = dict.fromkeys(PHASES, 0.0)
         self._read_now = 0
 
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        """Time the block as phase ``name`` (host seconds) and mark it for the profiler."""
-        t0 = time.perf_counter()
-        with jax.profiler.TraceAnnotation(name):
-            yield
-        self._current[name] += time.perf_counter() - t0
+    def phase(self, name: str) -> _Phase:
+        """``with stats.phase(name):`` times the block as phase ``name`` (host seconds) and
+        marks it for the profiler."""
+        return _Phase(self._current, name)
 
     def read(self, rows: int, *, streamed: bool) -> None:
         """``rows`` came from flash in one reader call."""
@@ -73,3 +69,21 @@ class Stats:
                for p in PHASES},
             "median_total_s": float(np.median(totals)) if totals else 0.0,
         }
+
+
+class _Phase:
+    """A timed block (a class, not a generator: it runs dozens of times per token)."""
+
+    __slots__ = ("totals", "name", "t0", "annotation")
+
+    def __init__(self, totals: dict, name: str):
+        self.totals, self.name = totals, name
+
+    def __enter__(self):
+        self.annotation = jax.profiler.TraceAnnotation(self.name)
+        self.annotation.__enter__()
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.totals[self.name] += time.perf_counter() - self.t0
+        self.annotation.__exit__(*exc)

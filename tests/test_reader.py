@@ -102,9 +102,14 @@ def test_io_uring_row_reads_equal_the_stored_rows(block_store):
 
 
 def test_io_uring_refused_with_the_reason(store):
-    """io_uring serves O_DIRECT reads; asked for it with buffered reads, the reader says so."""
+    """io_uring serves O_DIRECT reads from the optional uring_api package; asked for without
+    either, the reader says which is missing, and without being asked it falls back."""
+    from flashjax.store import reader
+
     manifest = Manifest.read(store)
-    with pytest.raises(ValueError, match=r"io_uring reads requested, but .*O_DIRECT"):
+    reason = (r"uring_api package is not installed.*flashjax\[uring\]" if reader.uring_api is None
+              else r"O_DIRECT")
+    with pytest.raises(ValueError, match=r"io_uring reads requested, but .*" + reason):
         FlashReader(store, manifest, max_rows=8, io_uring=True, direct_io=False)
     assert not FlashReader(store, manifest, max_rows=8, direct_io=False).uses_io_uring
 

@@ -192,7 +192,8 @@ class FlashReader:
             return None
         why = None
         if uring_api is None:
-            why = "the uring_api package is not installed"
+            why = ("the uring_api package is not installed (it is the optional extra: "
+                   "pip install 'flashjax[uring]')")
         elif not uring_api.is_available():
             why = "io_uring is not available on this system"
         elif not (self.direct_io and hasattr(os, "O_DIRECT")):

@@ -94,8 +94,9 @@ class DecoderLayer(nn.Module):
     """One OPT layer, split at the FFN so that the FFN can be computed elsewhere.
 
     ``attend`` runs attention and returns the residual stream plus the FFN input;
-    ``finish`` adds the FFN output back. ``__call__`` is both, with the dense FFN. Neither
-    half touches the FFN's parameters, so they run on a parameter tree without them.
+    ``finish`` adds the FFN output back; ``ffn`` is the dense FFN between them (the decoder's
+    ``run_layers`` puts the three together). Neither half touches the FFN's parameters, so
+    they run on a parameter tree without them.
     """
 
     cfg: ModelConfig
@@ -105,11 +106,6 @@ class DecoderLayer(nn.Module):
         self.self_attn_layer_norm = _layer_norm(self.cfg, "self_attn_layer_norm")
         self.final_layer_norm = _layer_norm(self.cfg, "final_layer_norm")
         self.ffn = DenseFFN(self.cfg)
-
-    def __call__(self, h, keys, values, valid, index):
-        """The whole layer with the dense FFN: (h, keys, values)."""
-        h, ffn_in, keys, values = self.attend(h, keys, values, valid, index)
-        return self.finish(h, self.ffn(ffn_in)), keys, values
 
     def attend(self, h, keys, values, valid, index):
         """h: [B, S, D] -> (h [B, S, D], ffn_in [B, S, D], keys, values)."""

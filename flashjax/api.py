@@ -52,8 +52,9 @@ def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int | 
                              f"{'it' if len(flash_only) == 1 else 'them'} out for the dense "
                              f"model")
         return _load_dense(path, manifest, dtype, progress)
-    return _load_flash(path, manifest, dtype, dram_budget, predictor,
-                       4 if window is None else window, engine_options)
+    if window is not None:
+        engine_options["window"] = window
+    return _load_flash(path, manifest, dtype, dram_budget, predictor, engine_options)
 
 
 def _load_dense(path: Path, manifest: Manifest, dtype, progress: bool) -> Model:
@@ -102,7 +103,7 @@ def _selector(path: Path, manifest: Manifest, dtype, predictor):
     return selectors.Oracle(weights, shares=saved_layer_weights(path, cfg.num_hidden_layers))
 
 
-def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, window,
+def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
                 engine_options) -> Model:
     from flashjax.engine import EngineOptions, FlashModel
     from flashjax.engine.options import option_names
@@ -113,7 +114,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor, w
         raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; expected one of "
                         f"{', '.join(option_names())}")
     cfg = manifest.config
-    options = EngineOptions(window=window, **engine_options)
+    options = EngineOptions(**engine_options)
     if options.max_context is None:
         options = dataclasses.replace(options,
                                       max_context=min(cfg.max_position_embeddings, 256))

@@ -75,10 +75,11 @@ def _add(acc, out):
 
 def _staged_parts(rows, update: RowUpdate, fc1_bias, dtype):
     """Staging rows [S, 2D] (storage dtype) -> up, down [S, D], bias [S] in ``dtype`` and the
-    mask of real rows [S]."""
+    mask of real rows [S]. Rows past the real ones are zeroed: they hold whatever an earlier
+    read left, which a mask alone would not keep out of a matmul if it were not finite."""
     d = rows.shape[1] // 2
-    rows = rows.astype(dtype)
     live = jnp.arange(rows.shape[0]) < update.count
+    rows = jnp.where(live[:, None], rows.astype(dtype), 0)
     return rows[:, :d], rows[:, d:], fc1_bias[update.ids].astype(dtype), live
 
 

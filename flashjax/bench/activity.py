@@ -252,7 +252,4 @@ class TraceSelector:
         from flashjax.engine.selectors import Selection
 
         scores = self.predictor.scores(layer, ffn_in, token_valid)  # its cost is real
-        return Selection(self.needed(step, layer), scores)
-
-    def needed(self, step: int, layer: int) -> np.ndarray:
-        return self.trace.needed(step, layer)
+        return Selection(self.trace.needed(step, layer), scores)

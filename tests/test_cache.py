@@ -133,7 +133,7 @@ def test_device_buffer_rows_equal_bundles_on_disk(tokens, capacity, window, chun
         work = LayerWork(layer=0, plan=plan, index=cache, step=t, fc1_bias=bias_of, chunk=chunk,
                          sizes=sizes, stream_chunk=chunk, stream_sizes=sizes, rows=buf.rows)
         for piece in work.pieces():
-            size = bucket_for(max(piece.ids.size, piece.holes.size), sizes)
+            size = work.padded(piece)
             if piece.ids.size:
                 reader.read(0, piece.ids)
             buf, _ = update_buffer(buf, reader.staging[:size], work.pack(piece.ids, size, piece),

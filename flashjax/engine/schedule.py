@@ -89,9 +89,15 @@ class LayerWork:
                  for i in range(0, p.holes.size, chunk)]
         return moves + [Piece(ids, none, none, start) for ids, start in appends]
 
-    def streamed(self) -> list[np.ndarray]:
+    def padded(self, piece: Piece) -> int:
+        """The staged rows a piece's update takes (its count padded to a compiled size)."""
+        return bucket_for(max(piece.ids.size, piece.holes.size), self.sizes)
+
+    def streamed(self) -> list[tuple[np.ndarray, int]]:
+        """The streamed rows in staging-sized pieces: (ids, padded size) each."""
         ids, chunk = self.plan.streamed, self.stream_chunk
-        return [ids[i:i + chunk] for i in range(0, ids.size, chunk)]
+        return [(part, bucket_for(part.size, self.stream_sizes))
+                for part in (ids[i:i + chunk] for i in range(0, ids.size, chunk))]
 
     def pack(self, piece_ids, size: int, piece: Piece | None = None) -> np.ndarray:
         if piece is None:
@@ -135,7 +141,7 @@ class Sequential(_Schedule):
     def layer(self, buffers: list, work: LayerWork, ffn_in, stats: Stats):
         layer, out = work.layer, None
         for piece in work.pieces():
-            size = bucket_for(max(piece.ids.size, piece.holes.size), work.sizes)
+            size = work.padded(piece)
             rows = self._read(stats, layer, piece.ids, size, streamed=False)
             with stats.phase("memory"):
                 buffers[layer], _ = update_buffer(buffers[layer], rows, work.pack(
@@ -146,8 +152,7 @@ class Sequential(_Schedule):
             with stats.phase("compute"):
                 out = ffn_held(buffers[layer], work.mask(needed), ffn_in, out)
                 out.block_until_ready()
-        for ids in work.streamed():
-            size = bucket_for(ids.size, work.stream_sizes)
+        for ids, size in work.streamed():
             rows = self._read(stats, layer, ids, size, streamed=True)
             with stats.phase("compute"):
                 out = ffn_staged(rows, work.pack(ids, size), work.fc1_bias, ffn_in, out)
@@ -205,7 +210,7 @@ class Overlapped(_Schedule):
         # layer's read (streamed reads would reuse its staging buffer before that)
         defer = len(pieces) == 1 and not streamed
         for piece in pieces:
-            size = bucket_for(max(piece.ids.size, piece.holes.size), work.sizes)
+            size = work.padded(piece)
             rows = self._read(stats, layer, piece.ids, size, streamed=False)
             with stats.phase("memory"):
                 packed = work.pack(piece.ids, size, piece)
@@ -218,8 +223,7 @@ class Overlapped(_Schedule):
                 buffers[layer], fence = update_buffer(buffers[layer], rows, packed,
                                                       work.fc1_bias)
                 self.fence(fence)
-        for ids in streamed:
-            size = bucket_for(ids.size, work.stream_sizes)
+        for ids, size in streamed:
             rows = self._read(stats, layer, ids, size, streamed=True)
             out = self._ffn_new(stats, rows, work.pack(ids, size), work, ffn_in, out)
         return jnp.zeros_like(ffn_in) if out is None else out

@@ -1,10 +1,10 @@
 """flashjax: run language models whose FFN weights stay on flash, the "LLM in a flash" way."""
 
 from flashjax.api import load
-from flashjax.config import ConfigError, ModelConfig
+from flashjax.config import ConfigError, LlamaConfig, ModelConfig, OPTConfig
 from flashjax.store.bundles import StoreError
 from flashjax.store.convert import convert
 from flashjax.store.hf import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["load", "convert", "ModelConfig", "ConfigError", "CheckpointError", "StoreError"]
+__all__ = ["load", "convert", "ModelConfig", "OPTConfig", "LlamaConfig", "ConfigError", "CheckpointError", "StoreError"]

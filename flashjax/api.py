@@ -13,7 +13,8 @@ from flashjax.budget import choose_resident_dtype, dense_bytes, parse_budget
 from flashjax.runtime import Model, default_compute_dtype
 from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
-from flashjax.store.load import load_tokenizer, read_dense_ffn, read_dram, split_bundles
+from flashjax.model.bundle import rows_to_kernels
+from flashjax.store.load import load_tokenizer, read_dense_ffn, read_dram
 from flashjax.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int | 
 def _load_dense(path: Path, manifest: Manifest, dtype, progress: bool) -> Model:
     params = read_dram(path, manifest)
     for layer, ffn in enumerate(read_dense_ffn(path, manifest, progress=progress)):
-        for name in ("fc1", "fc2"):
-            params[f"layers_{layer}"]["ffn"][name].update(ffn[name])
+        tree = params[f"layers_{layer}"].setdefault("ffn", {})
+        for name, kernels in ffn.items():
+            tree.setdefault(name, {}).update(kernels)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     return Model(manifest.config, params, tokenizer=load_tokenizer(path, manifest), path=path,
                  dtype=dtype)
@@ -97,10 +99,13 @@ def _selector(path: Path, manifest: Manifest, dtype, predictor):
     checksums = bundles.load_checksums(path)
     weights = []
     for layer in range(cfg.num_hidden_layers):
-        up, _ = split_bundles(bundles.read_layer(path, layer, checksums), cfg.hidden_size)
-        weights.append(jnp.asarray(up, dtype))
+        kernels = rows_to_kernels(cfg, bundles.read_layer(path, layer, checksums))
+        weights.append([jnp.asarray(kernels[p]["kernel"], dtype)
+                        for p in selectors.activity_parts(cfg)])
+        del kernels
     # sized as for the trained predictors, when known
-    return selectors.Oracle(weights, shares=saved_layer_weights(path, cfg.num_hidden_layers))
+    return selectors.Oracle(cfg, weights,
+                            shares=saved_layer_weights(path, cfg.num_hidden_layers))
 
 
 def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
@@ -117,7 +122,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
     options = EngineOptions(**engine_options)
     if options.max_context is None:
         options = dataclasses.replace(options,
-                                      max_context=min(cfg.max_position_embeddings, 256))
+                                      max_context=min(cfg.max_sequence, 256))
     budget = parse_budget(dram_budget, dense_bytes(manifest, dtype))
     selector = _selector(path, manifest, dtype, predictor)
     resident_dtype, plan = choose_resident_dtype(manifest, dtype, budget, options, selector)

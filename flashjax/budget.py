@@ -121,15 +121,18 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     proportion to ``weights`` (each layer's expected share of needed neurons; default equal)."""
     cfg = manifest.config
     item = jnp.dtype(dtype).itemsize
-    layers, n, d = cfg.num_hidden_layers, cfg.ffn_dim, cfg.hidden_size
-    kv = (2 * layers * options.max_batch * options.max_context * d * item
+    layers, n = cfg.num_hidden_layers, cfg.ffn_dim
+    # values per buffer row: one slice of every FFN part, and the neuron's bias if it has one
+    row_values = cfg.bundle_width + int(cfg.ffn_bias)
+    kv_width = cfg.num_key_value_heads * cfg.head_dim
+    kv = (2 * layers * options.max_batch * options.max_context * kv_width * item
           + options.max_batch * options.max_context)
     predictors = predictor_bytes
     index_fixed = layers * n * 4  # neuron -> slot maps
     # transient, per row of an update: TensorStore's read buffer and the device copy of the
     # staged rows (storage dtype; on CPU jax usually shares the staging memory instead), their
-    # up/down halves converted to the compute dtype, and the gathered rows of a move
-    update_row = 2 * manifest.row_bytes + 2 * (2 * d + 1) * item
+    # parts converted to the compute dtype, and the gathered rows of a move
+    update_row = 2 * manifest.row_bytes + 2 * row_values * item
     slots = 2 if options.overlap else 1  # staging buffers: one is read while one is used
     rows = options.update_rows
     if rows is None:  # the largest power of two up to 1024 whose staging uses <= 1/16 budget
@@ -141,14 +144,14 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     staging = slots * rows * manifest.row_bytes
     # plus the io_uring reader's scratch where rows are not whole blocks: one span of blocks per
     # read in flight, as many as reader_threads within 1/32 of the budget
-    span = block_span(manifest.row_bytes, options.bundled)
+    span = block_span(manifest.row_bytes, options.bundled, len(cfg.ffn_parts))
     block_slots = min(options.reader_threads, max(1, budget // 32 // span)) if span else 0
     workspace = rows * update_row + block_slots * span
-    # per row of capacity, in every layer: up + down rows and bias, slot id and last use
-    layer_row = (2 * d + 1) * item + 4 + 8
+    # per row of capacity, in every layer: the parts' rows and bias, slot id and last use
+    layer_row = row_values * item + 4 + 8
     per_row = layers * layer_row
     slack = slack_rows(rows)  # each buffer's extra rows for padded contiguous writes
-    slack_bytes = layers * slack * (2 * d + 1) * item
+    slack_bytes = layers * slack * row_values * item
     fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace + slack_bytes
     capacities = split_rows(max(0, budget - fixed) // layer_row, weights or [1.0] * layers, n)
     need = min(n, MIN_CAPACITY)
@@ -164,7 +167,7 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
                       staging=staging, workspace=workspace,
                       index=index_fixed + sum(capacities) * 12,
-                      buffers=sum(capacities) * (2 * d + 1) * item + slack_bytes,
+                      buffers=sum(capacities) * row_values * item + slack_bytes,
                       capacities=tuple(capacities), update_rows=int(min(rows, max(capacities))),
                       slack_rows=slack, staging_slots=slots,
                       block_slots=block_slots)

@@ -21,7 +21,8 @@ def cmd_convert(args) -> int:
     import flashjax
 
     t0 = time.perf_counter()
-    manifest = flashjax.convert(args.hf_dir, args.out_dir, dtype=args.dtype)
+    manifest = flashjax.convert(args.hf_dir, args.out_dir, dtype=args.dtype,
+                                activation=args.activation)
     print(f"wrote {args.out_dir}: {manifest.dtype}, DRAM part {manifest.dram_bytes / 1e6:.1f} MB, "
           f"flash FFN {manifest.ffn_bytes / 1e6:.1f} MB in {manifest.config.num_hidden_layers} "
           f"layers ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
@@ -190,11 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face OPT checkpoint")
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (OPT; Llama, "
+                                       "Mistral or Qwen2 with ReLU)")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="storage dtype (default: the checkpoint's)")
+    p.add_argument("--activation", choices=("relu", "drelu"),
+                   help="a gated model's FFN activation: drelu is relu(gate) * relu(up) "
+                        "(TurboSparse); default: the config's (relu)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text with a converted model")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashjax.config import ModelConfig
-from flashjax.model import opt, sampling
+from flashjax.model import decoder, sampling
 from flashjax.model.layers import KVCache
 
 PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this to bound recompiles
@@ -68,10 +68,10 @@ class Model:
         return KVCache.init(self.cfg, batch, slots, self.dtype)
 
     def _prefill(self, tokens, positions, valid, cache: KVCache):
-        return opt.forward(self.cfg, self.params, tokens, positions, valid, cache)
+        return decoder.forward(self.cfg, self.params, tokens, positions, valid, cache)
 
     def _decode(self, tokens, positions, cache: KVCache):
-        return opt.decode_step(self.cfg, self.params, tokens, positions, cache)
+        return decoder.decode_step(self.cfg, self.params, tokens, positions, cache)
 
     # -- public API --------------------------------------------------------------------------
     def _check_ids(self, batch: list[list[int]]) -> None:
@@ -92,9 +92,8 @@ class Model:
         self._check_ids(batch)
         seq = max(map(len, batch))
         b = len(batch)
-        if seq > self.cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {seq} exceeds max_position_embeddings "
-                             f"{self.cfg.max_position_embeddings}")
+        if seq > self.cfg.max_sequence:
+            raise ValueError(f"sequence length {seq} exceeds {self.cfg.sequence_limit}")
         width = _round_up(seq, PROMPT_BUCKET)
         tokens = np.full((b, width), self.cfg.pad_token_id, np.int32)
         valid = np.zeros((b, width), bool)
@@ -131,10 +130,10 @@ class Model:
             raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                              f"{temperature}, {top_k}, {top_p}")
         lengths = np.array([len(s) for s in batch], np.int32)
-        limit = self.cfg.max_position_embeddings
+        limit = self.cfg.max_sequence
         if lengths.max() + max_new_tokens > limit:
             raise ValueError(f"prompt length {lengths.max()} + max_new_tokens {max_new_tokens} "
-                             f"exceeds max_position_embeddings {limit}")
+                             f"exceeds {self.cfg.sequence_limit}")
         b, width = len(batch), _round_up(int(lengths.max()), PROMPT_BUCKET)
         tokens = np.full((b, width), self.cfg.pad_token_id, np.int32)
         valid = np.zeros((b, width), bool)

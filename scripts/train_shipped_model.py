@@ -38,8 +38,9 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from flashjax.config import ModelConfig
-from flashjax.model.opt import OPT, init_params
+from flashjax.config import ModelConfig, OPTConfig
+from flashjax.model.decoder import init_params
+from flashjax.model.opt import OPT
 from flashjax.store.export import export_hf
 
 INIT_STD = 0.02  # GPT-2/OPT initialisation
@@ -59,10 +60,10 @@ class TrainConfig:
 
 
 def model_config(args) -> ModelConfig:
-    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                       num_hidden_layers=args.layers, ffn_dim=args.ffn,
-                       num_attention_heads=args.heads, max_position_embeddings=args.max_pos,
-                       word_embed_proj_dim=args.hidden, do_layer_norm_before=True)
+    return OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                     num_hidden_layers=args.layers, ffn_dim=args.ffn,
+                     num_attention_heads=args.heads, max_position_embeddings=args.max_pos,
+                     word_embed_proj_dim=args.hidden, do_layer_norm_before=True)
 
 
 def initial_params(cfg: ModelConfig, seed: int):

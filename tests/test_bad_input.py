@@ -53,10 +53,20 @@ def test_unsupported_activation(hf, tmp_path):
     assert _nothing_written(tmp_path)
 
 
-def test_not_opt(hf, tmp_path):
+def test_unknown_family(hf, tmp_path):
     cfg = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ConfigError, match="'model_type' is 'llama'"):
+    (hf / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match="'model_type' is 'gpt2'; flashjax supports"):
+        flashjax.convert(hf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_opt_tensors_under_a_llama_config(hf, tmp_path):
+    """An OPT checkpoint whose config claims to be a ReLU Llama: the tensors do not match."""
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(
+        {**cfg, "model_type": "llama", "hidden_act": "relu", "intermediate_size": cfg["ffn_dim"]}))
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight'"):
         flashjax.convert(hf, tmp_path / "out")
 
 

@@ -130,7 +130,8 @@ def test_device_buffer_rows_equal_bundles_on_disk(tokens, capacity, window, chun
     bias_of = np.arange(N, dtype=np.float32)
     for t, needed in enumerate(tokens):
         plan = cache.plan(np.array(needed, np.int32), t, window)
-        work = LayerWork(layer=0, plan=plan, index=cache, step=t, fc1_bias=bias_of, chunk=chunk,
+        work = LayerWork(layer=0, plan=plan, index=cache, step=t, neuron_bias=bias_of,
+                         activation="relu", chunk=chunk,
                          sizes=sizes, stream_chunk=chunk, stream_sizes=sizes, rows=buf.rows)
         for piece in work.pieces():
             size = work.padded(piece)

@@ -18,7 +18,7 @@ def test_round_trip():
 @pytest.mark.parametrize("field,value,message", [
     ("activation_function", "gelu", "'activation_function' is 'gelu'; flashjax supports only 'relu'"),
     ("enable_bias", False, "'enable_bias' is False"),
-    ("model_type", "llama", "'model_type' is 'llama'"),
+    ("model_type", "gpt2", "'model_type' is 'gpt2'"),
     ("num_attention_heads", 5, "hidden_size 32 is not divisible by num_attention_heads 5"),
     ("ffn_dim", 0, "'ffn_dim' must be a positive integer, found 0"),
 ])

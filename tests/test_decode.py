@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import flashjax
-from flashjax.model import opt
+from flashjax.model import decoder as opt
 from flashjax.model.layers import KVCache
 
 

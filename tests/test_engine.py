@@ -150,35 +150,59 @@ def test_row_update_packs_and_unpacks():
     assert int(u.count) == 3 and int(u.start) == 4
 
 
-def test_kernels_match_numpy():
+def _numpy_ffn(x, rows, bias, n_parts, activation):
+    """The FFN over bundle rows [C, P x D] in numpy: OPT relu(up x + b) down; gated
+    relu(gate x) (up x) down, dReLU relu(gate x) relu(up x) down."""
+    d = rows.shape[1] // n_parts
+    parts = [rows[:, i * d:(i + 1) * d] for i in range(n_parts)]
+    if n_parts == 2:
+        h = np.maximum(x @ parts[0].T + bias, 0)
+    else:
+        gate, up = x @ parts[0].T, x @ parts[1].T
+        h = np.maximum(gate, 0) * (np.maximum(up, 0) if activation == "drelu" else up)
+    return h @ parts[-1]
+
+
+@pytest.mark.parametrize("n_parts,activation", [(2, "relu"), (3, "relu"), (3, "drelu")])
+def test_kernels_match_numpy(n_parts, activation):
     """The buffer update (moves, then only the real staged rows appended) and the FFN over
-    buffer rows and staged rows, against numpy."""
+    buffer rows and staged rows, against numpy, for OPT bundles (with biases) and gated
+    three-part bundles (without)."""
     rng = np.random.default_rng(0)
     rows, d, n, size = 12, 8, 40, 4
-    buf = np.asarray(rng.normal(size=(rows, 2 * d)), np.float32)
-    bias = np.asarray(rng.normal(size=rows), np.float32)
-    fc1 = np.asarray(rng.normal(size=n), np.float32)
-    staged = np.asarray(rng.normal(size=(size, 2 * d)), np.float16)
-    device = kernels.NeuronBuffer(up=jax.numpy.asarray(buf[:, :d]),
-                                  down=jax.numpy.asarray(buf[:, d:]), bias=jax.numpy.asarray(bias))
+    has_bias = n_parts == 2
+    buf = np.asarray(rng.normal(size=(rows, n_parts * d)), np.float32)
+    bias = np.asarray(rng.normal(size=rows), np.float32) if has_bias else None
+    fc1 = np.asarray(rng.normal(size=n), np.float32) if has_bias else None
+    staged = np.asarray(rng.normal(size=(size, n_parts * d)), np.float16)
+    device = kernels.NeuronBuffer(
+        parts=tuple(jax.numpy.asarray(buf[:, i * d:(i + 1) * d]) for i in range(n_parts)),
+        bias=None if bias is None else jax.numpy.asarray(bias))
     packed = kernels.RowUpdate.pack(size, [30, 7, 21], no_slot=rows, holes=[0, 3], movers=[9, 8],
                                     start=5)
     got, _ = kernels.update_buffer(device, staged, packed, fc1)
-    want, want_bias = buf.copy(), bias.copy()
-    want[[0, 3]], want_bias[[0, 3]] = buf[[9, 8]], bias[[9, 8]]
-    want[5:8], want_bias[5:8] = staged[:3].astype(np.float32), fc1[[30, 7, 21]]
-    np.testing.assert_array_equal(np.asarray(got.up), want[:, :d])  # slot 8: not written
-    np.testing.assert_array_equal(np.asarray(got.down), want[:, d:])
-    np.testing.assert_array_equal(np.asarray(got.bias), want_bias)
+    want = buf.copy()
+    want[[0, 3]] = buf[[9, 8]]
+    want[5:8] = staged[:3].astype(np.float32)
+    for i in range(n_parts):  # slot 8: not written
+        np.testing.assert_array_equal(np.asarray(got.parts[i]), want[:, i * d:(i + 1) * d])
+    want_bias = None
+    if has_bias:
+        want_bias = bias.copy()
+        want_bias[[0, 3]], want_bias[5:8] = bias[[9, 8]], fc1[[30, 7, 21]]
+        np.testing.assert_array_equal(np.asarray(got.bias), want_bias)
+    else:
+        assert got.bias is None
     x = np.asarray(rng.normal(size=(1, 1, d)), np.float32)
     mask = np.zeros(rows, bool)
     mask[[1, 5, 6]] = True
-    out = kernels.ffn_held(got, mask, x, None)
-    ref = np.maximum(x @ want[mask, :d].T + want_bias[mask], 0) @ want[mask, d:]
+    out = kernels.ffn_held(got, mask, x, None, activation=activation)
+    ref = _numpy_ffn(x, want[mask], None if want_bias is None else want_bias[mask], n_parts,
+                     activation)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
-    out = kernels.ffn_staged(staged, packed, fc1, x, out)
-    real = staged[:3].astype(np.float32)
-    ref = ref + np.maximum(x @ real[:, :d].T + fc1[[30, 7, 21]], 0) @ real[:, d:]
+    out = kernels.ffn_staged(staged, packed, fc1, x, out, activation=activation)
+    ref = ref + _numpy_ffn(x, staged[:3].astype(np.float32),
+                           None if fc1 is None else fc1[[30, 7, 21]], n_parts, activation)
     np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
 
 
@@ -231,8 +255,7 @@ def test_buffers_are_updated_in_place(sparse_model):
     flash = flashjax.load(sparse_model("pre_ln"), dram_budget=0.5, predictor="oracle")
 
     def pointers(state):
-        return [(b.up.unsafe_buffer_pointer(), b.down.unsafe_buffer_pointer())
-                for b in state.buffers]
+        return [tuple(p.unsafe_buffer_pointer() for p in b.parts) for b in state.buffers]
 
     _, first = flash.generate(PROMPT, 2, stop_at_eos=False, return_state=True)
     before = pointers(first)  # (the next call takes these buffers over: donated)

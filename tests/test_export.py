@@ -20,7 +20,7 @@ import torch
 import flashjax
 from flashjax.config import ModelConfig
 from flashjax.model.layers import KVCache
-from flashjax.model.opt import forward, init_params
+from flashjax.model.decoder import forward, init_params
 from flashjax.store.export import export_hf, hf_tensors
 from flashjax.testing import tiny_opt_config
 

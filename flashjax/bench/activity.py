@@ -161,7 +161,7 @@ def record(model_dir, text, *, tokens: int = 4096, seq_len: int = 256,
         raise ValueError(f"{model_dir}: the model has no tokenizer to read text with")
     predictors = Predictors.load(model_dir, cfg.num_hidden_layers) if source == "predictor" \
         else None
-    seq_len = min(seq_len, cfg.max_position_embeddings)
+    seq_len = min(seq_len, cfg.max_sequence)
     chunks = []
     bar = tqdm(total=tokens, unit="tok", desc="trace", disable=not progress)
     for seq in sequences(text, model.tokenizer, seq_len=seq_len, bos_id=cfg.bos_token_id,

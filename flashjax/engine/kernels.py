@@ -4,8 +4,8 @@ row kernels once per padded row count).
 Resident weights may be held in a narrower dtype than the computation (to fit a budget); each
 piece widens what it uses to the dtype of the activations or KV cache.
 
-Shape legend: B batch, D model width, N a layer's neurons, C a buffer's rows, S staged rows
-(padded), V vocabulary.
+Shape legend: B batch, D model width, P FFN parts, N a layer's neurons, C a buffer's rows,
+S staged rows (padded), V vocabulary.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from flax import struct
 
 from flashjax.config import ModelConfig
 from flashjax.engine.state import NeuronBuffer
-from flashjax.model.layers import DecoderLayer, KVCache
-from flashjax.model.opt import OPT
+from flashjax.model import decoder
+from flashjax.model.bundle import output_bias, row_parts
+from flashjax.model.layers import KVCache
 from flashjax.model.sparse import sparse_ffn
 
 
@@ -29,8 +30,8 @@ class RowUpdate:
     """A read's small arguments, travelling as one int32 array of 3 S + 2 entries (each numpy
     argument of a jitted call costs ~8 us of dispatch on CPU).
 
-    ids [S]: the neuron ids in the staged rows, padded with 0 (their fc1 biases are gathered
-    on the device from the layer's resident bias vector); holes [S] <- movers [S]: row moves,
+    ids [S]: the neuron ids in the staged rows, padded with 0 (their biases, where the family
+    has them, are gathered on the device from the layer's resident bias vector); holes [S] <- movers [S]: row moves,
     holes padded out of range (dropped), movers with 0; count: staged rows that are real;
     start: the slot the first staged row is appended at.
     """
@@ -73,69 +74,73 @@ def _add(acc, out):
     return out if acc is None else acc + out.astype(acc.dtype)
 
 
-def _staged_parts(rows, update: RowUpdate, fc1_bias, dtype):
-    """Staging rows [S, 2D] (storage dtype) -> up, down [S, D], bias [S] in ``dtype`` and the
-    mask of real rows [S]. Rows past the real ones are zeroed: they hold whatever an earlier
-    read left, which a mask alone would not keep out of a matmul if it were not finite."""
-    d = rows.shape[1] // 2
+def _staged_parts(rows, update: RowUpdate, neuron_bias, dtype, d_model: int):
+    """Staging rows [S, P x D] (storage dtype) -> the P parts [S, D] and the bias [S] (or
+    None) in ``dtype``, and the mask of real rows [S]. Rows past the real ones are zeroed:
+    they hold whatever an earlier read left, which a mask alone would not keep out of a
+    matmul if it were not finite."""
     live = jnp.arange(rows.shape[0]) < update.count
     rows = jnp.where(live[:, None], rows.astype(dtype), 0)
-    return rows[:, :d], rows[:, d:], fc1_bias[update.ids].astype(dtype), live
+    parts = row_parts(rows, rows.shape[1] // d_model)
+    bias = None if neuron_bias is None else neuron_bias[update.ids].astype(dtype)
+    return parts, bias, live
 
 
-@jax.jit
-def ffn_held(buf: NeuronBuffer, mask, ffn_in, acc):
-    """acc + the FFN over the buffer's rows where ``mask`` [C] is True (fc2 bias not added;
-    acc None: nothing to add to)."""
-    return _add(acc, sparse_ffn(ffn_in, buf.up, buf.down, buf.bias, mask))
+@functools.partial(jax.jit, static_argnames="activation")
+def ffn_held(buf: NeuronBuffer, mask, ffn_in, acc, *, activation: str):
+    """acc + the FFN over the buffer's rows where ``mask`` [C] is True (output bias not
+    added; acc None: nothing to add to)."""
+    return _add(acc, sparse_ffn(ffn_in, buf.parts, buf.bias, mask, activation=activation))
 
 
-@jax.jit
-def ffn_staged(rows, packed, fc1_bias, ffn_in, acc):
-    """acc + the FFN over the real rows just read (staging rows [S, 2D], ``packed`` a
+@functools.partial(jax.jit, static_argnames="activation")
+def ffn_staged(rows, packed, neuron_bias, ffn_in, acc, *, activation: str):
+    """acc + the FFN over the real rows just read (staging rows [S, P x D], ``packed`` a
     ``RowUpdate``); rows past the count read are stale and masked."""
-    up, down, bias, live = _staged_parts(rows, RowUpdate.unpack(packed), fc1_bias, ffn_in.dtype)
-    return _add(acc, sparse_ffn(ffn_in, up, down, bias, live))
+    parts, bias, live = _staged_parts(rows, RowUpdate.unpack(packed), neuron_bias,
+                                      ffn_in.dtype, ffn_in.shape[-1])
+    return _add(acc, sparse_ffn(ffn_in, parts, bias, live, activation=activation))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def update_buffer(buf: NeuronBuffer, rows, packed, fc1_bias):
+def update_buffer(buf: NeuronBuffer, rows, packed, neuron_bias):
     """One layer's change in one dispatch: the moves of ``packed``, then its real staged rows
     appended from its start slot (the appended slots may be slots the moves emptied). The
     buffer is donated: rebind it to the result. Also returns a scalar ready only once the new
     buffer is: the fence for the staging rows it read (the buffer itself cannot be one: the
     next update donates it)."""
     u = RowUpdate.unpack(packed)
-    up = buf.up.at[u.holes].set(buf.up[u.movers], mode="drop")
-    down = buf.down.at[u.holes].set(buf.down[u.movers], mode="drop")
-    bias = buf.bias.at[u.holes].set(buf.bias[u.movers], mode="drop")
-    new_up, new_down, new_bias, live = _staged_parts(rows, u, fc1_bias, buf.up.dtype)
+    moved = jax.tree.map(lambda x: x.at[u.holes].set(x[u.movers], mode="drop"), buf)
+    new_parts, new_bias, live = _staged_parts(rows, u, neuron_bias, buf.parts[0].dtype,
+                                              buf.parts[0].shape[1])
 
     def put(old, new):  # a contiguous write of the real rows; the slots past them keep theirs
         now = jax.lax.dynamic_slice_in_dim(old, u.start, new.shape[0])
         mask = live.reshape(-1, *([1] * (new.ndim - 1)))
         return jax.lax.dynamic_update_slice_in_dim(old, jnp.where(mask, new, now), u.start, 0)
 
-    buf = NeuronBuffer(up=put(up, new_up), down=put(down, new_down), bias=put(bias, new_bias))
-    return buf, buf.bias[0]
+    buf = NeuronBuffer(parts=tuple(map(put, moved.parts, new_parts)),
+                       bias=None if new_bias is None else put(moved.bias, new_bias))
+    return buf, buf.parts[0][0, 0]
 
 
-def compile_row_kernels(buffers, fc1_biases, staging, capacities, sizes, stream_sizes, dtype):
+def compile_row_kernels(buffers, neuron_biases, staging, capacities, sizes, stream_sizes,
+                        dtype, activation):
     """Compile the row kernels for every buffer shape and padded size (a layer of each
     distinct capacity, its update sizes ``sizes[l]``, and the streamed ``stream_sizes``);
     returns the buffers (donated to the updates, which change nothing)."""
-    x = jnp.zeros((1, 1, buffers[0].up.shape[1]), dtype)
+    x = jnp.zeros((1, 1, buffers[0].parts[0].shape[1]), dtype)
     staged = set()
     for layer in sorted({capacities.index(c) for c in capacities}):
-        buf, bias = buffers[layer], fc1_biases[layer]
-        ffn_held(buf, np.zeros(buf.rows, bool), x, None)
+        buf, bias = buffers[layer], neuron_biases[layer]
+        ffn_held(buf, np.zeros(buf.rows, bool), x, None, activation=activation)
         for size in sizes[layer]:
             buf, _ = update_buffer(buf, staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows),
                                    bias)
         for size in sorted((set(sizes[layer]) | set(stream_sizes)) - staged):
             packed = RowUpdate.pack(size, [], no_slot=buf.rows)
-            ffn_staged(staging[:size], packed, bias, x, None)
-            ffn_staged(staging[:size], packed, bias, x, x)
+            ffn_staged(staging[:size], packed, bias, x, None, activation=activation)
+            ffn_staged(staging[:size], packed, bias, x, x, activation=activation)
             staged.add(size)
         buffers[layer] = buf
     return jax.block_until_ready(buffers)
@@ -146,18 +151,20 @@ def embed(cfg: ModelConfig, params, tokens, positions, token_valid, kv: KVCache)
     """tokens, positions, token_valid: [B] -> h [B, 1, D]; marks the new cache slot."""
     valid = jax.lax.dynamic_update_slice_in_dim(kv.valid, token_valid[:, None], kv.index, axis=1)
     params = _widen(params, kv.keys)
-    h = OPT(cfg).apply({"params": params}, tokens[:, None], positions[:, None], method=OPT.embed)
+    h = decoder.module(cfg).apply({"params": params}, tokens[:, None], positions[:, None],
+                                  method="embed")
     return h, kv.replace(valid=valid)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def attend(cfg: ModelConfig, layer_params, h, kv: KVCache, layer):
-    """Attention of layer ``layer`` -> (h, ffn_in [B, 1, D], kv)."""
+def attend(cfg: ModelConfig, layer_params, h, kv: KVCache, layer, positions):
+    """Attention of layer ``layer`` at ``positions`` [B] -> (h, ffn_in [B, 1, D], kv)."""
     layer_params = _widen(layer_params, h)
     keys = jax.lax.dynamic_index_in_dim(kv.keys, layer, keepdims=False)
     values = jax.lax.dynamic_index_in_dim(kv.values, layer, keepdims=False)
-    h, ffn_in, keys, values = DecoderLayer(cfg).apply(
-        {"params": layer_params}, h, keys, values, kv.valid, kv.index, method=DecoderLayer.attend)
+    h, ffn_in, keys, values = decoder.layer(cfg).apply(
+        {"params": layer_params}, h, keys, values, kv.valid, kv.index, positions[:, None],
+        method="attend")
     kv = kv.replace(keys=jax.lax.dynamic_update_index_in_dim(kv.keys, keys, layer, axis=0),
                     values=jax.lax.dynamic_update_index_in_dim(kv.values, values, layer, axis=0))
     return h, ffn_in, kv
@@ -165,15 +172,17 @@ def attend(cfg: ModelConfig, layer_params, h, kv: KVCache, layer):
 
 @functools.partial(jax.jit, static_argnums=0)
 def finish(cfg: ModelConfig, layer_params, h, ffn_out):
-    """The layer's FFN output (fc2 bias added here, once) back into the residual stream."""
+    """The layer's FFN output (its output bias added here, once) back into the residual
+    stream."""
     layer_params = _widen(layer_params, h)
-    ffn_out = ffn_out + layer_params["ffn"]["fc2"]["bias"]
-    return DecoderLayer(cfg).apply({"params": layer_params}, h, ffn_out, method=DecoderLayer.finish)
+    bias = output_bias(cfg, layer_params)
+    ffn_out = ffn_out if bias is None else ffn_out + bias
+    return decoder.layer(cfg).apply({"params": layer_params}, h, ffn_out, method="finish")
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def head(cfg: ModelConfig, params, h, kv: KVCache):
     """-> (logits [B, V] float32, kv with its next slot)."""
     params = _widen(params, h)
-    logits = OPT(cfg).apply({"params": params}, h, method=OPT.head)[:, 0]
+    logits = decoder.module(cfg).apply({"params": params}, h, method="head")[:, 0]
     return logits, kv.replace(index=kv.index + 1)

@@ -19,8 +19,8 @@ from flashjax.engine.options import EngineOptions
 from flashjax.engine.schedule import LayerWork, Overlapped, Sequential
 from flashjax.engine.selectors import Selector
 from flashjax.engine.state import FlashState, NeuronBuffer
-from flashjax.model.layers import KVCache
-from flashjax.model.opt import run_layers
+from flashjax.model.bundle import neuron_bias
+from flashjax.model.layers import KVCache, run_layers
 from flashjax.runtime import Model
 from flashjax.store.reader import FlashReader
 
@@ -40,6 +40,7 @@ class FlashModel(Model):
         self.reader, self.memory, self.options, self.selector = reader, plan, options, selector
         self.schedule = (Overlapped if options.overlap else Sequential)(reader)
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
+        self.neuron_biases = [neuron_bias(cfg, p) for p in self.layer_params]
         # rows kept resident per layer: none for a selector that streams everything
         self.capacities = plan.capacities if selector.keeps_rows else (0,) * len(plan.capacities)
         # a layer's largest update is bounded by its capacity; streamed rows by the staging
@@ -51,7 +52,9 @@ class FlashModel(Model):
 
     # -- state ---------------------------------------------------------------------------------
     def _new_buffers(self) -> list[NeuronBuffer]:
-        return [NeuronBuffer.init(c + self.memory.slack_rows, self.cfg.hidden_size, self.dtype)
+        cfg = self.cfg
+        return [NeuronBuffer.init(c + self.memory.slack_rows, cfg.hidden_size, self.dtype,
+                                  n_parts=len(cfg.ffn_parts), bias=cfg.ffn_bias)
                 for c in self.memory.capacities]
 
     def init_state(self, batch: int, slots: int) -> FlashState:
@@ -75,8 +78,8 @@ class FlashModel(Model):
         """Compile the row kernels for every padded size now, not while generating."""
         state = self.init_state(1, 1)
         buffers = kernels.compile_row_kernels(
-            list(state.buffers), [p["ffn"]["fc1"]["bias"] for p in self.layer_params],
-            self.reader.staging, self.capacities, self.sizes, self.stream_sizes, self.dtype)
+            list(state.buffers), self.neuron_biases, self.reader.staging, self.capacities,
+            self.sizes, self.stream_sizes, self.dtype, self.cfg.activation)
         self._done(state.next_token(state.kv, buffers))
 
     # -- one token through all layers ----------------------------------------------------------
@@ -90,7 +93,7 @@ class FlashModel(Model):
         stats.rows_needed += int(needed.ids.size)
         stats.rows_evicted += int(plan.evicted.size)
         return LayerWork(layer=layer, plan=plan, index=index, step=state.step,
-                         fc1_bias=self.layer_params[layer]["ffn"]["fc1"]["bias"],
+                         neuron_bias=self.neuron_biases[layer], activation=self.cfg.activation,
                          chunk=self.chunks[layer], sizes=self.sizes[layer],
                          stream_chunk=self.memory.update_rows, stream_sizes=self.stream_sizes,
                          rows=state.buffers[layer].rows)
@@ -104,7 +107,8 @@ class FlashModel(Model):
 
         def attend(layer, h, kv):
             with stats.phase("compute"):
-                h, ffn_in, kv = kernels.attend(cfg, self.layer_params[layer], h, kv, layer)
+                h, ffn_in, kv = kernels.attend(cfg, self.layer_params[layer], h, kv, layer,
+                                               positions)
                 ffn_in.block_until_ready()
             return h, ffn_in, kv
 

@@ -46,8 +46,9 @@ class Piece:
 class LayerWork:
     """What one token needs from one layer, as the host planned it.
 
-    plan: the cache's plan, made by ``index`` for token ``step``; fc1_bias: the layer's
-    resident fc1 bias [N] (rows take theirs along); chunk, sizes: the most rows one update
+    plan: the cache's plan, made by ``index`` for token ``step``; neuron_bias: the layer's
+    resident per-neuron bias [N] (rows take theirs along), or None; activation: the FFN's
+    (``ModelConfig.activation``); chunk, sizes: the most rows one update
     piece holds and the padded sizes (bounded by the buffer); stream_chunk, stream_sizes: the
     same for streamed rows (bounded by the staging buffer); rows: the buffer's rows."""
 
@@ -55,7 +56,8 @@ class LayerWork:
     plan: Plan
     index: NeuronCache
     step: int
-    fc1_bias: jax.Array
+    neuron_bias: jax.Array | None
+    activation: str
     chunk: int
     sizes: list[int]
     stream_chunk: int
@@ -145,17 +147,19 @@ class Sequential(_Schedule):
             rows = self._read(stats, layer, piece.ids, size, streamed=False)
             with stats.phase("memory"):
                 buffers[layer], _ = update_buffer(buffers[layer], rows, work.pack(
-                    piece.ids, size, piece), work.fc1_bias)
+                    piece.ids, size, piece), work.neuron_bias)
                 jax.block_until_ready(buffers[layer])  # nothing reads the staging rows now
         needed = work.needed_after()
         if needed.size:
             with stats.phase("compute"):
-                out = ffn_held(buffers[layer], work.mask(needed), ffn_in, out)
+                out = ffn_held(buffers[layer], work.mask(needed), ffn_in, out,
+                               activation=work.activation)
                 out.block_until_ready()
         for ids, size in work.streamed():
             rows = self._read(stats, layer, ids, size, streamed=True)
             with stats.phase("compute"):
-                out = ffn_staged(rows, work.pack(ids, size), work.fc1_bias, ffn_in, out)
+                out = ffn_staged(rows, work.pack(ids, size), work.neuron_bias, ffn_in, out,
+                                 activation=work.activation)
                 out.block_until_ready()
         return jnp.zeros_like(ffn_in) if out is None else out
 
@@ -195,7 +199,8 @@ class Overlapped(_Schedule):
 
     def _ffn_new(self, stats, rows, packed, work, ffn_in, out):
         with stats.phase("compute"):
-            out = ffn_staged(rows, packed, work.fc1_bias, ffn_in, out)
+            out = ffn_staged(rows, packed, work.neuron_bias, ffn_in, out,
+                             activation=work.activation)
             self.fence(out)
         return out
 
@@ -203,7 +208,8 @@ class Overlapped(_Schedule):
         layer, out, plan = work.layer, None, work.plan
         if plan.held.size:  # the rows held before this token, on the device while we read
             with stats.phase("compute"):
-                out = ffn_held(buffers[layer], work.mask(plan.held), ffn_in, out)
+                out = ffn_held(buffers[layer], work.mask(plan.held), ffn_in, out,
+                               activation=work.activation)
         self.flush(buffers, stats)  # the last layer's update queues behind it
         pieces, streamed = work.pieces(), work.streamed()
         # the common case, one piece and nothing streamed: its update waits for the next
@@ -217,11 +223,11 @@ class Overlapped(_Schedule):
             if piece.ids.size:
                 out = self._ffn_new(stats, rows, packed, work, ffn_in, out)
             if defer:
-                self._pending = (layer, self.reader.slot, (rows, packed, work.fc1_bias))
+                self._pending = (layer, self.reader.slot, (rows, packed, work.neuron_bias))
                 break
             with stats.phase("memory"):
                 buffers[layer], fence = update_buffer(buffers[layer], rows, packed,
-                                                      work.fc1_bias)
+                                                      work.neuron_bias)
                 self.fence(fence)
         for ids, size in streamed:
             rows = self._read(stats, layer, ids, size, streamed=True)

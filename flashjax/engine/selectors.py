@@ -5,8 +5,8 @@ FFN is computed over, and optionally a score per neuron (higher: keep first when
 overflows). The engine computes the FFN over exactly that set whatever the budget, window or
 schedule; only a selector decides what is computed.
 
-* ``Oracle``: the exact active set, from the full up-projection (held outside the budget):
-  the result equals the dense model's. For tests and as an upper bound.
+* ``Oracle``: the exact active set, from the full input projections that decide activity
+  (held outside the budget): the result equals the dense model's. For tests and as an upper bound.
 * ``LowRank``: the trained low-rank predictors, thresholded per layer (an approximation the
   user asks for by choosing it).
 * ``Naive``, ``Hybrid``: every neuron, every token (the baselines): naive keeps nothing
@@ -15,12 +15,15 @@ schedule; only a selector decides what is computed.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashjax.model.bundle import neuron_bias
+from flashjax.model.sparse import activity_scores
 from flashjax.predictor.model import Predictors, predict_scores
 
 
@@ -47,27 +50,41 @@ class Selector(Protocol):
         """ffn_in [B, 1, D], token_valid [B] (padding rows need nothing)."""
 
 
-@jax.jit
-def _oracle_scores(w_up, b_up, ffn_in, token_valid):
-    """Exact FFN pre-activations [N], the max over the batch's real tokens."""
-    pre = jnp.einsum("bsd,dn->bsn", ffn_in, w_up) + b_up
-    pre = jnp.where(token_valid[:, None, None], pre, -jnp.inf)
-    return pre.max(axis=(0, 1))
+@functools.partial(jax.jit, static_argnames="activation")
+def _oracle_scores(weights, bias, ffn_in, token_valid, *, activation):
+    """Exact activity scores [N] (> 0: fires), the max over the batch's real tokens."""
+    pres = [jnp.einsum("bsd,dn->bsn", ffn_in, w) for w in weights]
+    if bias is not None:
+        pres[0] = pres[0] + bias
+    scores = activity_scores(pres, activation)
+    scores = jnp.where(token_valid[:, None, None], scores, -jnp.inf)
+    return scores.max(axis=(0, 1))
+
+
+def activity_parts(cfg) -> tuple[str, ...]:
+    """The FFN parts whose pre-activations decide whether a neuron fires: OPT's up, a gated
+    ReLU's gate, dReLU's gate and up."""
+    if len(cfg.ffn_parts) == 2:
+        return cfg.ffn_parts[:1]
+    return cfg.ffn_parts[:2] if cfg.activation == "drelu" else cfg.ffn_parts[:1]
 
 
 class Oracle:
-    """Neurons whose ReLU input is > 0 for some real token of the batch."""
+    """Neurons that fire for some real token of the batch, from the exact pre-activations."""
 
     name, keeps_rows = "oracle", True
 
-    def __init__(self, up, shares=None):
-        self.up = up  # per layer w_up [D, N] on the device, in the compute dtype
-        self.bias = None  # per layer b_up [N]: the resident fc1 biases (``prepare``)
+    def __init__(self, cfg, weights, shares=None):
+        self.cfg = cfg
+        # per layer the kernels [D, N] of ``activity_parts(cfg)`` on the device, in the
+        # compute dtype
+        self.weights = weights
+        self.bias = None  # per layer the resident per-neuron biases, if any (``prepare``)
         self._shares = shares
 
     @property
     def outside_budget_bytes(self) -> int:
-        return sum(w.nbytes for w in self.up)
+        return sum(w.nbytes for ws in self.weights for w in ws)
 
     def shares(self):
         return self._shares
@@ -76,11 +93,14 @@ class Oracle:
         return 0  # held outside the budget (reported as oracle_bytes)
 
     def prepare(self, params, resident_dtype) -> None:
-        self.bias = [params[f"layers_{i}"]["ffn"]["fc1"]["bias"].astype(w.dtype)
-                     for i, w in enumerate(self.up)]
+        dtype = self.weights[0][0].dtype
+        self.bias = [None if b is None else b.astype(dtype)
+                     for b in (neuron_bias(self.cfg, params[f"layers_{i}"])
+                               for i in range(len(self.weights)))]
 
     def select(self, layer, ffn_in, token_valid, step) -> Selection:
-        scores = np.asarray(_oracle_scores(self.up[layer], self.bias[layer], ffn_in, token_valid))
+        scores = np.asarray(_oracle_scores(self.weights[layer], self.bias[layer], ffn_in,
+                                           token_valid, activation=self.cfg.activation))
         return Selection(np.flatnonzero(scores > 0).astype(np.int32), scores)
 
 

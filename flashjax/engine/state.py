@@ -23,28 +23,37 @@ from flashjax.model.layers import KVCache
 @struct.dataclass
 class NeuronBuffer:
     """One layer's resident rows, fixed shape. Let C be the rows held (capacity plus slack),
-    D the model width.
+    D the model width, P the FFN's parts (OPT: up, down; gated: gate, up, down).
 
-    up: [C, D] up-projection columns (fc1 rows); down: [C, D] down-projection rows;
-    bias: [C] fc1 bias of each slot's neuron. Rows at slots >= n are stale and masked out.
+    parts: P arrays [C, D], slot j's row of each part; bias: [C] the first part's bias of
+    each slot's neuron (OPT's fc1), or None. Rows at slots >= n are stale and masked out.
     """
 
-    up: jax.Array
-    down: jax.Array
-    bias: jax.Array
+    parts: tuple[jax.Array, ...]
+    bias: jax.Array | None
 
     @classmethod
-    def init(cls, rows: int, d_model: int, dtype=jnp.float32) -> NeuronBuffer:
-        return cls(up=jnp.zeros((rows, d_model), dtype), down=jnp.zeros((rows, d_model), dtype),
-                   bias=jnp.zeros((rows,), dtype))
+    def init(cls, rows: int, d_model: int, dtype=jnp.float32, *, n_parts: int = 2,
+             bias: bool = True) -> NeuronBuffer:
+        return cls(parts=tuple(jnp.zeros((rows, d_model), dtype) for _ in range(n_parts)),
+                   bias=jnp.zeros((rows,), dtype) if bias else None)
+
+    @property
+    def up(self) -> jax.Array:
+        """The up projection's rows (the part just before the down projection)."""
+        return self.parts[-2]
+
+    @property
+    def down(self) -> jax.Array:
+        return self.parts[-1]
 
     @property
     def rows(self) -> int:
-        return self.up.shape[0]
+        return self.parts[0].shape[0]
 
     @property
     def nbytes(self) -> int:
-        return self.up.nbytes + self.down.nbytes + self.bias.nbytes
+        return sum(x.nbytes for x in jax.tree.leaves(self))
 
 
 @struct.dataclass

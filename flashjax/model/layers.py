@@ -1,7 +1,8 @@
-"""Pure-functional Flax (Linen) building blocks of an OPT decoder layer.
+"""Pure-functional Flax (Linen) building blocks shared by the decoder families, and OPT's
+decoder layer.
 
-Shape legend: B batch, S query tokens in this call, T KV-cache slots, H heads, K head width,
-D model width (hidden_size), N FFN neurons.
+Shape legend: B batch, S query tokens in this call, T KV-cache slots, H heads, G key/value
+heads (H for OPT), K head width, D model width (hidden_size), N FFN neurons.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from flashjax.config import ModelConfig
+from flashjax.model.sparse import activity_scores, ffn_hidden
 
 # Softmax logit for masked keys: finite, so a query with no visible key (a left-pad slot)
 # yields a uniform average instead of NaN; its output is never used.
@@ -22,7 +24,7 @@ _MASKED = -1e30
 class KVCache:
     """Fixed-shape attention state for all layers.
 
-    keys, values: [L, B, T, H, K]; valid: [B, T] True where a slot holds a real token;
+    keys, values: [L, B, T, G, K]; valid: [B, T] True where a slot holds a real token;
     index: int32 scalar, the next slot to write (the same for the whole batch because
     prompts are left-padded).
     """
@@ -34,13 +36,70 @@ class KVCache:
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_attention_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def slots(self) -> int:
         return self.keys.shape[2]
+
+
+def run_layers(n_layers: int, h, kv, *, attend, ffn, finish):
+    """The decoder's layer loop, the one every path runs: per layer ``attend(i, h, kv) ->
+    (h, ffn_in, kv)``, ``ffn(i, ffn_in) -> ffn_out``, ``finish(i, h, ffn_out) -> h``. The dense
+    model calls it inside jit with its modules; the flash engine on the host with jitted
+    pieces and the FFN from flash; activation collection with an FFN that records."""
+    for i in range(n_layers):
+        h, ffn_in, kv = attend(i, h, kv)
+        h = finish(i, h, ffn(i, ffn_in))
+    return h, kv
+
+
+def decode_layers(model, tokens, positions, token_valid, cache: KVCache, ffn=None):
+    """A decoder module's ``__call__``: S tokens through every layer of ``model`` (with
+    ``embed``, ``layers``, ``head``), written into the cache at ``cache.index``.
+    token_valid: [B, S] bool (False for padding). ``ffn(i, layer, ffn_in)``, when given,
+    computes layer i's FFN instead of its dense FFN. Returns (logits, cache)."""
+    valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, axis=1)
+    ffn = ffn or (lambda i, layer, x: layer.ffn(x))
+
+    def attend(i, h, kv):
+        keys, values = kv
+        h, ffn_in, k, v = model.layers[i].attend(h, keys[i], values[i], valid, cache.index,
+                                                 positions)
+        return h, ffn_in, (keys.at[i].set(k), values.at[i].set(v))
+
+    h, (keys, values) = run_layers(
+        len(model.layers), model.embed(tokens, positions), (cache.keys, cache.values),
+        attend=attend, ffn=lambda i, x: ffn(i, model.layers[i], x),
+        finish=lambda i, h, out: model.layers[i].finish(h, out))
+    cache = KVCache(keys=keys, values=values, valid=valid, index=cache.index + tokens.shape[1])
+    return model.head(h), cache
+
+
+def cached_attention(q, k, v, keys, values, valid, index):
+    """Scaled dot-product attention of this call's queries over the cache, after writing this
+    call's keys and values into it at ``index``.
+
+    q: [B, S, H, K] (already scaled); k, v: [B, S, G, K] with H a multiple of G (each key/value
+    head serves H / G query heads); keys, values: [B, T, G, K]; valid: [B, T] (including this
+    call's tokens). Returns (out [B, S, H, K], keys, values)."""
+    b, s, h, kd = q.shape
+    g = keys.shape[2]
+    keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
+    q = q.reshape(b, s, g, h // g, kd)
+    # [B, G, H/G, S, T]
+    scores = jnp.einsum("bsgqk,btgk->bgqst", q, keys.astype(q.dtype)).astype(jnp.float32)
+    slot = jnp.arange(keys.shape[1])
+    causal = slot[None, :] <= (index + jnp.arange(s))[:, None]  # [S, T]
+    allowed = causal[None, None, None] & valid[:, None, None, None, :]
+    scores = jnp.where(allowed, scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    # [B, S, G, H/G, K]
+    out = jnp.einsum("bgqst,btgk->bsgqk", probs, values)
+    return out.reshape(b, s, h, kd), keys, values
 
 
 class Attention(nn.Module):
@@ -53,22 +112,11 @@ class Attention(nn.Module):
         """x: [B, S, D]; keys, values: [B, T, H, K]; valid: [B, T] (already includes this call's
         tokens); index: first slot this call writes. Returns (out [B, S, D], keys, values)."""
         cfg = self.cfg
-        b, s, _ = x.shape
         heads = (cfg.num_attention_heads, cfg.head_dim)
         q = nn.DenseGeneral(heads, name="q_proj")(x) * cfg.head_dim ** -0.5
         k = nn.DenseGeneral(heads, name="k_proj")(x)
         v = nn.DenseGeneral(heads, name="v_proj")(x)
-        keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), index, axis=1)
-        # [B, H, S, T]
-        scores = jnp.einsum("bshk,bthk->bhst", q, keys).astype(jnp.float32)
-        slot = jnp.arange(keys.shape[1])
-        causal = slot[None, :] <= (index + jnp.arange(s))[:, None]  # [S, T]
-        allowed = causal[None, None] & valid[:, None, None, :]
-        scores = jnp.where(allowed, scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        # [B, S, H, K]
-        out = jnp.einsum("bhst,bthk->bshk", probs, values)
+        out, keys, values = cached_attention(q, k, v, keys, values, valid, index)
         out = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), name="out_proj")(out)
         return out, keys, values
 
@@ -82,8 +130,13 @@ class DenseFFN(nn.Module):
         self.fc1 = nn.Dense(self.cfg.ffn_dim)
         self.fc2 = nn.Dense(self.cfg.hidden_size)
 
+    def activity(self, x):
+        """(the FFN's output [B, S, D], activity scores [B, S, N]: > 0 where a neuron fires)."""
+        pres = [self.fc1(x)]
+        return self.fc2(ffn_hidden(pres, "relu")), activity_scores(pres, "relu")
+
     def __call__(self, x):
-        return self.fc2(jax.nn.relu(self.fc1(x)))
+        return self.activity(x)[0]
 
 
 def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
@@ -107,8 +160,9 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = _layer_norm(self.cfg, "final_layer_norm")
         self.ffn = DenseFFN(self.cfg)
 
-    def attend(self, h, keys, values, valid, index):
-        """h: [B, S, D] -> (h [B, S, D], ffn_in [B, S, D], keys, values)."""
+    def attend(self, h, keys, values, valid, index, positions=None):
+        """h: [B, S, D] -> (h [B, S, D], ffn_in [B, S, D], keys, values). (Positions enter
+        OPT through its embeddings, not here.)"""
         pre_ln = self.cfg.do_layer_norm_before
         x = self.self_attn_layer_norm(h) if pre_ln else h
         x, keys, values = self.self_attn(x, keys, values, valid, index)

@@ -1,35 +1,21 @@
-"""The OPT decoder as a pure-functional Flax module, and its two jitted entry points.
+"""The OPT decoder as a pure-functional Flax module (jitted entry points: ``decoder``).
 
 Shape legend: B batch, S tokens in this call, V vocabulary, T KV-cache slots.
 """
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from flashjax.config import ModelConfig
-from flashjax.model.layers import DecoderLayer, KVCache
-
-
-def run_layers(n_layers: int, h, kv, *, attend, ffn, finish):
-    """The decoder's layer loop, the one every path runs: per layer ``attend(i, h, kv) ->
-    (h, ffn_in, kv)``, ``ffn(i, ffn_in) -> ffn_out``, ``finish(i, h, ffn_out) -> h``. The dense
-    model calls it inside jit with its modules; the flash engine on the host with jitted
-    pieces and the FFN from flash; activation collection with an FFN that records."""
-    for i in range(n_layers):
-        h, ffn_in, kv = attend(i, h, kv)
-        h = finish(i, h, ffn(i, ffn_in))
-    return h, kv
+from flashjax.config import OPTConfig
+from flashjax.model.layers import DecoderLayer, KVCache, decode_layers
 
 
 class OPT(nn.Module):
     """Embeddings, ``num_hidden_layers`` decoder layers, final norm and the tied LM head."""
 
-    cfg: ModelConfig
+    cfg: OPTConfig
 
     def setup(self):
         cfg = self.cfg
@@ -68,46 +54,4 @@ class OPT(nn.Module):
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens, positions, token_valid, cache: KVCache, ffn=None):
-        """Run S tokens through every layer, writing them into the cache at ``cache.index``.
-        token_valid: [B, S] bool (False for padding). ``ffn(i, layer, ffn_in)``, when given,
-        computes layer i's FFN instead of its dense FFN (activation collection records with
-        it). Returns (logits, cache)."""
-        valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, token_valid, cache.index, axis=1)
-        ffn = ffn or (lambda i, layer, x: layer.ffn(x))
-
-        def attend(i, h, kv):
-            keys, values = kv
-            h, ffn_in, k, v = self.layers[i].attend(h, keys[i], values[i], valid, cache.index)
-            return h, ffn_in, (keys.at[i].set(k), values.at[i].set(v))
-
-        h, (keys, values) = run_layers(
-            len(self.layers), self.embed(tokens, positions), (cache.keys, cache.values),
-            attend=attend, ffn=lambda i, x: ffn(i, self.layers[i], x),
-            finish=lambda i, h, out: self.layers[i].finish(h, out))
-        cache = KVCache(keys=keys, values=values, valid=valid,
-                        index=cache.index + tokens.shape[1])
-        return self.head(h), cache
-
-
-def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32):
-    """Random parameters with the tree that the converter produces (for training and tests)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    cache = KVCache.init(cfg, batch=1, slots=1, dtype=dtype)
-    params = OPT(cfg).init(jax.random.key(seed), tokens, tokens, tokens > -1, cache)["params"]
-    return jax.tree.map(lambda x: x.astype(dtype), params)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=5)
-def forward(cfg: ModelConfig, params, tokens, positions, token_valid, cache: KVCache):
-    """Prefill/teacher-forced forward: all logits [B, S, V]. The cache is donated."""
-    return OPT(cfg).apply({"params": params}, tokens, positions, token_valid, cache)
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def decode_step(cfg: ModelConfig, params, tokens, positions, cache: KVCache):
-    """One new token per sequence: tokens, positions [B]; returns (logits [B, V], cache).
-    The cache is donated: the caller must rebind it to the returned one."""
-    logits, cache = OPT(cfg).apply(
-        {"params": params}, tokens[:, None], positions[:, None],
-        jnp.ones((tokens.shape[0], 1), bool), cache)
-    return logits[:, 0], cache
+        return decode_layers(self, tokens, positions, token_valid, cache, ffn)

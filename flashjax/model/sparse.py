@@ -1,7 +1,10 @@
-"""The FFN over a set of neuron rows: the flash path's one FFN.
+"""The FFN over a set of neuron rows: the flash path's one FFN, and the activity rule that
+says which neurons it needs.
 
-Shape legend: B batch, S tokens, D model width, C rows (a neuron buffer's slots, or rows
-just read into a staging buffer).
+An FFN has input parts (OPT: up; gated: gate and up) that read the FFN input and a down part
+that writes the output. Its pre-activations ``pres`` are the input parts applied to x, one
+[..., C] array per part. Shape legend: B batch, S tokens, D model width, C rows (a neuron
+buffer's slots, rows just read into a staging buffer, or all of a layer's neurons).
 """
 
 from __future__ import annotations
@@ -10,19 +13,41 @@ import jax
 import jax.numpy as jnp
 
 
-def sparse_ffn(x, up, down, bias, mask):
-    """relu(x @ up.T + bias) @ down over the rows where ``mask`` is True.
+def ffn_hidden(pres, activation: str):
+    """The FFN's hidden activations from its pre-activations: OPT relu(up); gated
+    relu(gate) * up, or with ``activation`` "drelu" relu(gate) * relu(up)."""
+    if len(pres) == 1:
+        return jax.nn.relu(pres[0])
+    gate, up = pres
+    return jax.nn.relu(gate) * (jax.nn.relu(up) if activation == "drelu" else up)
 
-    x: [B, S, D]; up, down: [C, D]; bias: [C]; mask: [C] bool -> [B, S, D] in up's dtype.
+
+def activity_scores(pres, activation: str):
+    """A score per neuron that is > 0 exactly where the neuron fires (its hidden activation
+    can be non-zero): the ReLU's input, or for dReLU the smaller of the two."""
+    if len(pres) == 1 or activation != "drelu":
+        return pres[0]
+    return jnp.minimum(*pres)
+
+
+def sparse_ffn(x, parts, bias, mask, *, activation: str = "relu"):
+    """The FFN over the rows where ``mask`` is True.
+
+    x: [B, S, D]; parts: the rows' input parts then their down part, each [C, D]; bias: [C]
+    (the first input part's, OPT) or None; mask: [C] bool -> [B, S, D] in the parts' dtype.
 
     The rows hold any subset of a layer's neurons in any order; masked rows (stale slots,
-    rows resident but not needed by this token, padding) contribute nothing. The fc2 bias
-    is added by the caller, once per layer, however many row sets the layer's FFN is summed
-    over. With every neuron that fires for x among the unmasked rows, the result equals the
-    dense FFN's (minus fc2's bias).
+    rows resident but not needed by this token, padding) contribute nothing. An output bias
+    (OPT's fc2) is added by the caller, once per layer, however many row sets the layer's FFN
+    is summed over. With every neuron that fires for x among the unmasked rows, the result
+    equals the dense FFN's (minus that bias).
     """
-    # [B, S, C]
-    h = jnp.einsum("bsd,cd->bsc", x.astype(up.dtype), up) + bias
-    h = jnp.where(mask, jax.nn.relu(h), 0)
+    *inputs, down = parts
+    x = x.astype(down.dtype)
+    # [B, S, C] per input part
+    pres = [jnp.einsum("bsd,cd->bsc", x, w) for w in inputs]
+    if bias is not None:
+        pres[0] = pres[0] + bias
+    h = jnp.where(mask, ffn_hidden(pres, activation), 0)
     # [B, S, D]
     return jnp.einsum("bsc,cd->bsd", h, down)

@@ -2,7 +2,7 @@
 
 Per layer, two TensorStore zarr3 arrays in DATA_DIR/layer_NNN/: ``ffn_in`` [T, D] float16
 (the normalised attention output that feeds the FFN) and ``active`` [T, N/8] uint8 (bit j of
-a row: neuron j's ReLU pre-activation > 0, little bit order). Written a batch at a time, so
+a row: neuron j fires: its ReLU's input > 0, for dReLU both, little bit order). Written a batch at a time, so
 memory does not grow with T; ``meta.json`` records how many tokens are complete, and a
 rerun with the same arguments resumes from there.
 """
@@ -22,20 +22,20 @@ from tqdm.auto import tqdm
 
 from flashjax.config import ModelConfig
 from flashjax.model.layers import KVCache
-from flashjax.model.opt import OPT
+from flashjax.model import decoder
 from flashjax.predictor.text import sequences
 
 META = "meta.json"
 
 
-def _activations(module: OPT, tokens, positions, valid, cache: KVCache):
+def _activations(module, tokens, positions, valid, cache: KVCache):
     ins, bits = [], []
 
     def record(i, layer, ffn_in):  # the dense FFN, keeping its input and which neurons fire
-        pre = layer.ffn.fc1(ffn_in)
+        out, scores = layer.ffn.activity(ffn_in)
         ins.append(ffn_in.astype(jnp.float16))
-        bits.append(jnp.packbits(pre > 0, axis=-1, bitorder="little"))
-        return layer.ffn.fc2(jax.nn.relu(pre))
+        bits.append(jnp.packbits(scores > 0, axis=-1, bitorder="little"))
+        return out
 
     logits, _ = module(tokens, positions, valid, cache, ffn=record)
     return jnp.stack(ins), jnp.stack(bits), logits
@@ -48,9 +48,9 @@ def ffn_activations(cfg: ModelConfig, params, tokens):
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     valid = jnp.ones((b, s), bool)
-    cache = KVCache.init(cfg, b, s, params["embed_positions"]["embedding"].dtype)
-    return OPT(cfg).apply({"params": params}, tokens, positions, valid, cache,
-                          method=_activations)
+    cache = KVCache.init(cfg, b, s, params["embed_tokens"]["embedding"].dtype)
+    return decoder.module(cfg).apply({"params": params}, tokens, positions, valid, cache,
+                                     method=_activations)
 
 
 def _array(path: Path, shape, dtype, chunk_rows: int, create: bool) -> ts.TensorStore:
@@ -93,7 +93,7 @@ def collect(model, text, out_dir, *, tokens: int = 100_000, seq_len: int = 256,
         raise ValueError(f"model {model.path} has no tokenizer to read text with")
     if cfg.ffn_dim % 8:
         raise ValueError(f"ffn_dim {cfg.ffn_dim} is not a multiple of 8 (activity is bit-packed)")
-    seq_len = min(seq_len, cfg.max_position_embeddings)
+    seq_len = min(seq_len, cfg.max_sequence)
     out_dir = Path(out_dir)
     wanted = {"model": str(Path(model.path).absolute()), "text": str(Path(text).absolute()),
               "seq_len": seq_len, "batch": batch, "n_layers": cfg.num_hidden_layers,

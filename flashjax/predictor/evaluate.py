@@ -35,7 +35,7 @@ def evaluate(model_dir, text, *, dram_budget="50%", window: int = 4, tokens: int
     flash = flashjax.load(model_dir, dram_budget=dram_budget, predictor="lowrank",
                           window=window, **engine_options)
     cfg = dense.cfg
-    seq_len = min(seq_len, cfg.max_position_embeddings)
+    seq_len = min(seq_len, cfg.max_sequence)
     seqs = list(sequences(text, dense.tokenizer, seq_len=seq_len, bos_id=cfg.bos_token_id,
                           eos_id=cfg.eos_token_id, max_tokens=tokens))
     if not seqs:

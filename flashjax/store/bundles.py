@@ -1,7 +1,7 @@
-"""The flash store: one TensorStore zarr3 array per layer, ``[n_neurons, 2 * d_model]``.
+"""The flash store: one TensorStore zarr3 array per layer, ``[n_neurons, parts * d_model]``.
 
-Row i is neuron i's bundle: the up-projection column (fc1 weight row i) followed by the
-down-projection row (fc2 weight column i). One shard holds a whole layer and the inner chunk is
+Row i is neuron i's bundle: OPT's up-projection column (fc1 weight row i) followed by its
+down-projection row (fc2 weight column i); a gated FFN's gate row, up row and down column. One shard holds a whole layer and the inner chunk is
 one row, uncompressed, so every neuron is one contiguous, aligned byte range of the shard file
 (row i at offset ``i * row_bytes``, the shard index with its crc32c at the end). Row data carry
 a crc32 per row in ``ffn/crc32.npy``, kept beside the arrays rather than as a per-chunk codec so
@@ -35,9 +35,12 @@ def array_spec(model_dir: Path, layer: int, array: str | None = None) -> dict:
     return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
 
 
-def split_arrays(layer: int) -> tuple[str, str]:
-    """Relative paths of a layer's unbundled up and down arrays."""
-    return f"{SPLIT_DIR}/up_{layer:03d}", f"{SPLIT_DIR}/down_{layer:03d}"
+SPLIT_NAMES = {2: ("up", "down"), 3: ("gate", "up", "down")}
+
+
+def split_arrays(layer: int, n_parts: int = 2) -> tuple[str, ...]:
+    """Relative paths of a layer's unbundled part arrays (up and down; gated: gate, up, down)."""
+    return tuple(f"{SPLIT_DIR}/{name}_{layer:03d}" for name in SPLIT_NAMES[n_parts])
 
 
 def write_context() -> ts.Context:
@@ -102,19 +105,23 @@ def check_rows(rows: np.ndarray, ids: np.ndarray, expected: np.ndarray, *, where
 
 
 def write_split(model_dir: Path) -> None:
-    """Write the FFN a second time unbundled, up-projection columns and down-projection rows in
-    separate arrays (each one row per chunk, one shard per layer), unless already there: the
-    layout that row-column bundling is measured against."""
+    """Write the FFN a second time unbundled, each part's rows (up-projection columns,
+    down-projection rows, ...) in its own array (one row per chunk, one shard per layer),
+    unless already there: the layout that row-column bundling is measured against."""
+    from flashjax.store.manifest import Manifest
+
     model_dir = Path(model_dir)
     if (model_dir / SPLIT_DIR / "complete").exists():
         return
+    n_parts = len(Manifest.read(model_dir).config.ffn_parts)
     context = write_context()
     layer = 0
     while (model_dir / FFN_DIR / layer_key(layer)).exists():
         rows = read_layer(model_dir, layer)
-        d = rows.shape[1] // 2
-        for array, part in zip(split_arrays(layer), (rows[:, :d], rows[:, d:])):
-            create_layer(model_dir, layer, np.ascontiguousarray(part), context, array)
+        d = rows.shape[1] // n_parts
+        for i, array in enumerate(split_arrays(layer, n_parts)):
+            create_layer(model_dir, layer, np.ascontiguousarray(rows[:, i * d:(i + 1) * d]),
+                         context, array)
         layer += 1
     (model_dir / SPLIT_DIR / "complete").touch()
 

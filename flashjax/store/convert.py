@@ -1,4 +1,4 @@
-"""Hugging Face OPT checkpoint -> flashjax model directory.
+"""Hugging Face checkpoint (OPT, Llama, Mistral, Qwen2) -> flashjax model directory.
 
 The conversion is a table: each flashjax parameter names its HF tensor and a transform. Every
 key and shape is checked before anything is written; tensors are then read one at a time, the
@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from flashjax.config import ModelConfig
+from flashjax.config import ConfigError, LlamaConfig, ModelConfig, OPTConfig
 from flashjax.store import bundles
 from flashjax.store.hf import CheckpointError, HFCheckpoint
 from flashjax.store.manifest import DRAM_DIR, DTYPES, Manifest
@@ -55,7 +55,11 @@ def _linear(shape_in: tuple[int, ...], shape_out: tuple[int, ...]):
 
 
 def dram_table(cfg: ModelConfig, prefix: str) -> list[Entry]:
-    """Every DRAM-resident parameter of an OPT model and where it comes from."""
+    """Every DRAM-resident parameter of the model and where it comes from."""
+    return (_opt_table if cfg.family == "opt" else _llama_table)(cfg, prefix)
+
+
+def _opt_table(cfg: OPTConfig, prefix: str) -> list[Entry]:
     d, p, v, n = cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size, cfg.ffn_dim
     heads = (cfg.num_attention_heads, cfg.head_dim)
     t = [Entry(("embed_tokens", "embedding"), f"{prefix}embed_tokens.weight", (v, p)),
@@ -88,23 +92,58 @@ def dram_table(cfg: ModelConfig, prefix: str) -> list[Entry]:
     return t
 
 
+def _llama_table(cfg: LlamaConfig, prefix: str) -> list[Entry]:
+    d, v, k = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    heads, kv_heads = (cfg.num_attention_heads, k), (cfg.num_key_value_heads, k)
+    t = [Entry(("embed_tokens", "embedding"), f"{prefix}embed_tokens.weight", (v, d)),
+         Entry(("norm", "scale"), f"{prefix}norm.weight", (d,))]
+    if not cfg.tie_word_embeddings:
+        t += [Entry(("lm_head", "kernel"), "lm_head.weight", (v, d), _transpose)]
+    for i in range(cfg.num_hidden_layers):
+        hf, me = f"{prefix}layers.{i}.", f"layers_{i}"
+        for proj, shape in (("q_proj", heads), ("k_proj", kv_heads), ("v_proj", kv_heads)):
+            width = shape[0] * shape[1]
+            t += [Entry((me, "self_attn", proj, "kernel"), f"{hf}self_attn.{proj}.weight",
+                        (width, d), _linear((d,), shape))]
+            if cfg.qkv_bias:
+                t += [Entry((me, "self_attn", proj, "bias"), f"{hf}self_attn.{proj}.bias",
+                            (width,), lambda w, shape=shape: w.reshape(shape))]
+        t += [Entry((me, "self_attn", "o_proj", "kernel"), f"{hf}self_attn.o_proj.weight",
+                    (d, heads[0] * k), _linear(heads, (d,)))]
+        if cfg.o_bias:
+            t += [Entry((me, "self_attn", "o_proj", "bias"), f"{hf}self_attn.o_proj.bias", (d,))]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            t += [Entry((me, norm, "scale"), f"{hf}{norm}.weight", (d,))]
+    return t
+
+
 def ffn_keys(cfg: ModelConfig, prefix: str, layer: int) -> dict[str, tuple[int, int]]:
-    """HF FFN weight names of one layer and their shapes (torch Linear: [out, in])."""
+    """HF FFN weight names of one layer in ``cfg.ffn_parts`` order, and their shapes (torch
+    Linear: [out, in])."""
+    n, d = cfg.ffn_dim, cfg.hidden_size
     hf = f"{prefix}layers.{layer}."
-    return {f"{hf}fc1.weight": (cfg.ffn_dim, cfg.hidden_size),
-            f"{hf}fc2.weight": (cfg.hidden_size, cfg.ffn_dim)}
+    if cfg.family == "opt":
+        return {f"{hf}fc1.weight": (n, d), f"{hf}fc2.weight": (d, n)}
+    return {f"{hf}mlp.gate_proj.weight": (n, d), f"{hf}mlp.up_proj.weight": (n, d),
+            f"{hf}mlp.down_proj.weight": (d, n)}
 
 
-def bundle_rows(fc1_weight: np.ndarray, fc2_weight: np.ndarray) -> np.ndarray:
-    """Row i = [W_up[:, i], W_down[i, :]] = [fc1.weight[i, :], fc2.weight[:, i]]."""
-    return np.concatenate([fc1_weight, fc2_weight.T], axis=1)
+def bundle_rows(*weights: np.ndarray) -> np.ndarray:
+    """HF FFN weights in part order -> bundle rows: row i = [each input part's weight row i,
+    the down projection's column i] (OPT: [fc1.weight[i, :], fc2.weight[:, i]]; gated:
+    [gate_proj.weight[i, :], up_proj.weight[i, :], down_proj.weight[:, i]])."""
+    return np.concatenate([*weights[:-1], weights[-1].T], axis=1)
 
 
-def _prefix(keys: set[str]) -> str:
-    for prefix in ("model.decoder.", "decoder."):
+_PREFIXES = {"opt": ("model.decoder.", "decoder."), "llama": ("model.",)}
+
+
+def _prefix(cfg: ModelConfig, keys: set[str]) -> str:
+    for prefix in _PREFIXES[cfg.family]:
         if f"{prefix}embed_tokens.weight" in keys:
             return prefix
-    raise CheckpointError("no '(model.)decoder.embed_tokens.weight' tensor: not an OPT checkpoint")
+    wanted = " or ".join(f"'{p}embed_tokens.weight'" for p in _PREFIXES[cfg.family])
+    raise CheckpointError(f"no {wanted} tensor: not a {cfg.model_type} checkpoint")
 
 
 def _check(ckpt: HFCheckpoint, cfg: ModelConfig, prefix: str, table: list[Entry]) -> None:
@@ -137,11 +176,14 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
-            progress: bool = True) -> Manifest:
-    """Convert the Hugging Face OPT checkpoint in ``hf_dir`` into ``out_dir``.
+            progress: bool = True, activation: str | None = None) -> Manifest:
+    """Convert the Hugging Face checkpoint in ``hf_dir`` (OPT, or Llama, Mistral or Qwen2
+    with ReLU) into ``out_dir``.
 
     ``dtype`` (float16, bfloat16, float32) is the storage type of every tensor; by default the
-    checkpoint's own. ``out_dir`` must not exist.
+    checkpoint's own. ``activation`` "drelu" marks a gated model whose FFN is
+    relu(gate) * relu(up) (TurboSparse; its config cannot say so in a form transformers
+    reads); by default the config's. ``out_dir`` must not exist.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if out_dir.exists():
@@ -150,8 +192,13 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
     cfg = ModelConfig.from_json_file(hf_dir / "config.json")
+    if activation is not None and activation != cfg.activation:
+        try:
+            cfg = dataclasses.replace(cfg, activation=activation)
+        except ConfigError as e:
+            raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
     ckpt = HFCheckpoint(hf_dir)
-    prefix = _prefix(ckpt.keys())
+    prefix = _prefix(cfg, ckpt.keys())
     table = dram_table(cfg, prefix)
     _check(ckpt, cfg, prefix, table)
     dtype = dtype or _source_dtype(ckpt, prefix)
@@ -179,9 +226,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
             del tree
             if group != "top":
                 layer = int(group.split("_")[1])
-                fc1, fc2 = (ckpt.get(k) for k in ffn_keys(cfg, prefix, layer))
-                rows = bundle_rows(fc1, fc2).astype(np_dtype)
-                del fc1, fc2
+                rows = bundle_rows(*(ckpt.get(k) for k in ffn_keys(cfg, prefix, layer)))
+                rows = rows.astype(np_dtype, copy=False)
                 bundles.create_layer(tmp, layer, rows, context)
                 checksums[layer] = bundles.row_checksums(rows)
                 del rows

@@ -1,4 +1,4 @@
-"""flashjax parameter tree -> Hugging Face OPT checkpoint (``config.json`` + ``model.safetensors``).
+"""flashjax parameter tree -> Hugging Face checkpoint (``config.json`` + ``model.safetensors``).
 
 The exact inverse of the converter's table (``dram_table``) plus the FFN weights: every entry's
 HF tensor is rebuilt from the flashjax array and pushed back through the table's own transform,
@@ -11,6 +11,7 @@ Shape legend: D hidden_size, N ffn_dim.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,17 +19,21 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from flashjax.config import ModelConfig
+from flashjax.config import FFN_ACTIVATION_FIELD, ModelConfig
 from flashjax.store.convert import Entry, dram_table, ffn_keys
 
-PREFIX = "model.decoder."
+PREFIXES = {"opt": "model.decoder.", "llama": "model."}
+log = logging.getLogger(__name__)
 EXPORT_DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 
 
 def export_hf(params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float16", *,
               overwrite: bool = False) -> Path:
-    """Write ``params`` (the tree of ``init_params``/``flashjax.load``) as a Hugging Face OPT
-    checkpoint in ``out_dir`` that ``OPTForCausalLM.from_pretrained`` loads.
+    """Write ``params`` (the tree of ``init_params``/``flashjax.load``) as a Hugging Face
+    checkpoint in ``out_dir`` that its family's ``from_pretrained`` (``OPTForCausalLM``,
+    ``LlamaForCausalLM``, ...) loads. A dReLU model's config says so in a field
+    (``ffn_activation``) that only flashjax reads: transformers would compute
+    relu(gate) * up with its weights, so it is written with a warning.
 
     ``dtype`` (float16 or float32) is the storage type of every tensor. The LM head is tied to
     the token embedding unless ``cfg.tie_word_embeddings`` is False, so ``lm_head.weight`` is
@@ -41,6 +46,10 @@ def export_hf(params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float
         raise FileExistsError(f"output directory {out_dir} already exists; pass overwrite=True "
                               f"or remove it first")
     tensors = hf_tensors(params, cfg, EXPORT_DTYPES[dtype])
+    if cfg.activation == "drelu":
+        log.warning("%s: a dReLU model; transformers' %s ignores the %r field and would "
+                    "compute relu(gate) * up: load it with flashjax or custom modeling code",
+                    out_dir, cfg.to_hf_config()["architectures"][0], FFN_ACTIVATION_FIELD)
     hf_config = cfg.to_hf_config() | {"torch_dtype": dtype, "dropout": 0.0,
                                       "attention_dropout": 0.0}
 
@@ -65,11 +74,12 @@ def hf_tensors(params, cfg: ModelConfig, np_dtype=np.dtype(np.float32)) -> dict[
 
     Raises ValueError if the tree has a missing, extra or misshapen parameter.
     """
-    table = dram_table(cfg, PREFIX)
+    prefix = PREFIXES[cfg.family]
+    table = dram_table(cfg, prefix)
     flat = _flatten(params)
     expected = {e.path for e in table}
     for i in range(cfg.num_hidden_layers):
-        expected |= {(f"layers_{i}", "ffn", fc, "kernel") for fc in ("fc1", "fc2")}
+        expected |= {(f"layers_{i}", "ffn", part, "kernel") for part in cfg.ffn_parts}
     missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
     if missing or extra:
         raise ValueError(f"parameter tree does not match the config: missing {missing[:5]}, "
@@ -80,11 +90,10 @@ def hf_tensors(params, cfg: ModelConfig, np_dtype=np.dtype(np.float32)) -> dict[
         out[e.key] = _invert(e, np.asarray(flat[e.path], np.float32))
     for i in range(cfg.num_hidden_layers):
         # torch Linear weight [out, in] = Flax kernel [in, out].T
-        for key, shape in ffn_keys(cfg, PREFIX, i).items():
-            fc = key.split(".")[-2]
-            w = np.asarray(flat[(f"layers_{i}", "ffn", fc, "kernel")], np.float32).T
+        for part, (key, shape) in zip(cfg.ffn_parts, ffn_keys(cfg, prefix, i).items()):
+            w = np.asarray(flat[(f"layers_{i}", "ffn", part, "kernel")], np.float32).T
             if w.shape != shape:
-                raise ValueError(f"layers_{i}/ffn/{fc}/kernel has HF shape {w.shape}, "
+                raise ValueError(f"layers_{i}/ffn/{part}/kernel has HF shape {w.shape}, "
                                  f"expected {shape}")
             out[key] = w
     return {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in out.items()}

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from flashjax.model.bundle import rows_to_kernels
 from flashjax.store import bundles
 from flashjax.store.manifest import DRAM_DIR, Manifest
 
@@ -32,13 +33,15 @@ def read_dram(model_dir: str | Path, manifest: Manifest, convert=None) -> dict:
 
 
 def split_bundles(rows: np.ndarray, d_model: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bundle rows [n, 2D] -> (fc1 kernel [D, n], fc2 kernel [n, D])."""
+    """OPT bundle rows [n, 2D] -> (fc1 kernel [D, n], fc2 kernel [n, D])."""
+    if rows.shape[1] != 2 * d_model:
+        raise ValueError(f"rows of width {rows.shape[1]} are not OPT bundles of 2 x {d_model}")
     return rows[:, :d_model].T, rows[:, d_model:]
 
 
 def read_dense_ffn(model_dir: str | Path, manifest: Manifest, progress: bool = True,
                    dtype=None) -> list[dict]:
-    """Every layer's FFN kernels rebuilt from its bundles, crc32-checked."""
+    """Every layer's FFN kernels ({part: {"kernel"}}) rebuilt from its bundles, crc32-checked."""
     checksums = bundles.load_checksums(model_dir)
     cfg = manifest.config
     if checksums.shape != (cfg.num_hidden_layers, cfg.ffn_dim):
@@ -51,9 +54,7 @@ def read_dense_ffn(model_dir: str | Path, manifest: Manifest, progress: bool = T
         rows = bundles.read_layer(model_dir, layer, checksums)
         if dtype is not None:
             rows = rows.astype(dtype)
-        up, down = split_bundles(rows, cfg.hidden_size)
-        out.append({"fc1": {"kernel": np.ascontiguousarray(up)},
-                    "fc2": {"kernel": np.ascontiguousarray(down)}})
+        out.append(rows_to_kernels(cfg, rows))
     return out
 
 

@@ -55,8 +55,9 @@ class Manifest:
                     "kind": "row_column_bundle",
                     "arrays": f"{FFN_DIR}/layer_{{layer:03d}}",
                     "shape": [cfg.ffn_dim, cfg.bundle_width],
-                    "parts": {"up": [0, cfg.hidden_size],
-                              "down": [cfg.hidden_size, cfg.bundle_width]},
+                    "parts": {part: [i * cfg.hidden_size, (i + 1) * cfg.hidden_size]
+                              for i, part in enumerate(cfg.ffn_parts)},
+                    "activation": cfg.activation,
                     "row_bytes": self.row_bytes,
                     "checksums": f"{FFN_DIR}/{CHECKSUM_FILE}",
                 },

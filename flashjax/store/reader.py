@@ -19,7 +19,7 @@ a multiple of 1024) are read straight into the staging buffer, consecutive rows 
 Smaller or unaligned rows are read as the aligned blocks that hold them, rows sharing a block
 in one read, into a small scratch ring (one ``block_span`` per read in flight, counted in the
 memory budget) from which each row is copied once its read completes. The unbundled
-copy (up and down in separate arrays) is read the same way, one read per half. TensorStore
+copy (each part in its own array) is read the same way, one read per part. TensorStore
 spends ~25-45 us of CPU per row it reads (its per-chunk machinery and a thread per read) and
 ~0.4 ms per call; the ring needs ~6-7 us per read, which matters on a machine with few cores,
 above all while the engine's device work runs under the reads.
@@ -74,11 +74,11 @@ def _max_span(offsets: np.ndarray, size: int) -> int:
     return int((_ceil_blocks(offsets + size) - offsets // ALIGN * ALIGN).max())
 
 
-def block_span(row_bytes: int, bundled: bool) -> int:
-    """Bytes of one io_uring scratch slot for rows (or unbundled halves) that are not whole
+def block_span(row_bytes: int, bundled: bool, n_parts: int = 2) -> int:
+    """Bytes of one io_uring scratch slot for rows (or unbundled parts) that are not whole
     blocks, as the converter lays them out (row i at i x its size): the most blocks one row
     covers; 0 when rows are whole blocks (read straight into the staging rows)."""
-    piece = row_bytes if bundled else row_bytes // 2
+    piece = row_bytes if bundled else row_bytes // n_parts
     if piece % ALIGN == 0:
         return 0
     period = ALIGN // np.gcd(piece, ALIGN)  # the offsets' pattern within blocks repeats
@@ -155,10 +155,11 @@ class FlashReader:
         self.context = ts.Context(context)
         self.bundled = bundled
         self.d_model = cfg.hidden_size
-        if bundled:  # one read of 2 x d_model values per neuron
+        self.n_parts = len(cfg.ffn_parts)
+        if bundled:  # one read of parts x d_model values per neuron
             self.stores = [[self._open(layer)] for layer in range(cfg.num_hidden_layers)]
-        else:  # two reads of d_model values per neuron (see bundles.write_split)
-            self.stores = [[self._open(layer, a) for a in bundles.split_arrays(layer)]
+        else:  # a read of d_model values per part per neuron (see bundles.write_split)
+            self.stores = [[self._open(layer, a) for a in bundles.split_arrays(layer, self.n_parts)]
                            for layer in range(cfg.num_hidden_layers)]
         self.checksums = bundles.load_checksums(model_dir) if verify else None
         # page-aligned, with room to round a run up to whole blocks
@@ -181,7 +182,7 @@ class FlashReader:
         self._sources: dict[int, list[_Source] | None] = {}
         self._blocks = None  # io_uring scratch: (memory, bytes per slot), one slot per read
         self._block_slots = min(concurrency, block_slots or concurrency)
-        span = block_span(self.row_bytes, bundled)
+        span = block_span(self.row_bytes, bundled, self.n_parts)
         if self._uring is not None and span:
             self._blocks = (np.frombuffer(_aligned(self._block_slots * span)[0], np.uint8), span)
 
@@ -257,8 +258,9 @@ class FlashReader:
             if self.bundled:  # (the fd key: a layer's bundle array, or an array's path)
                 arrays = [(layer, self.row_bytes, 0)]
             else:
-                half = self.row_bytes // 2
-                arrays = [(a, half, i * half) for i, a in enumerate(bundles.split_arrays(layer))]
+                part = self.row_bytes // self.n_parts
+                arrays = [(a, part, i * part)
+                          for i, a in enumerate(bundles.split_arrays(layer, self.n_parts))]
             sources = []
             for array, size, dest in arrays:
                 offsets = (self._row_offsets(layer) if self.bundled
@@ -440,12 +442,13 @@ class FlashReader:
             elif self.bundled:
                 self._staging_ts[0:count].write(stores[0][ids]).result()
             else:
-                # both halves in flight at once, each into its own contiguous array (TensorStore
-                # writes into a strided half of the staging rows far more slowly), then copied
+                # every part in flight at once, each into its own contiguous array
+                # (TensorStore writes into a strided part of the staging rows far more
+                # slowly), then copied
                 d = self.d_model
-                up, down = stores[0][ids].read(), stores[1][ids].read()
-                self.staging[:count, :d] = up.result()
-                self.staging[:count, d:2 * d] = down.result()
+                parts = [store[ids].read() for store in stores]
+                for i, part in enumerate(parts):
+                    self.staging[:count, i * d:(i + 1) * d] = part.result()
         except Exception as e:
             raise bundles.StoreError(f"{self.model_dir}/{bundles.FFN_DIR}/{bundles.layer_key(layer)}:"
                                      f" reading {count} bundle rows failed ({e})") from None

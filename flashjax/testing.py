@@ -1,7 +1,9 @@
-"""Tiny OPT checkpoints for tests, examples and the README.
+"""Tiny OPT and Llama-family checkpoints for tests, examples and the README.
 
 ``synthetic_hf_checkpoint`` needs only numpy and safetensors; ``random_hf_checkpoint`` builds a
-real ``transformers.OPTForCausalLM`` (the ``test`` extra: torch, transformers) to compare with.
+real ``transformers`` model (``OPTForCausalLM``, ``LlamaForCausalLM``, ``MistralForCausalLM``
+or ``Qwen2ForCausalLM``, from the config's ``model_type``; the ``test`` extra: torch,
+transformers) to compare with.
 """
 
 from __future__ import annotations
@@ -23,56 +25,59 @@ def tiny_opt_config(**overrides) -> dict:
     return cfg
 
 
+def tiny_llama_config(model_type: str = "llama", **overrides) -> dict:
+    """A small ReLU Llama-family ``config.json`` dict (``model_type`` llama, mistral or qwen2)
+    with grouped-query attention (4 heads, 2 key/value heads); keyword arguments override any
+    field."""
+    cfg = dict(model_type=model_type, vocab_size=96, hidden_size=32, num_hidden_layers=2,
+               intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, hidden_act="relu", rms_norm_eps=1e-6,
+               rope_theta=10000.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2, attention_dropout=0.0)
+    if model_type in ("mistral", "qwen2"):
+        cfg["sliding_window"] = None
+    cfg.update(overrides)
+    return cfg
+
+
+def _hf_classes(model_type: str):
+    import transformers
+
+    names = {"opt": "OPT", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_type]
+    return (getattr(transformers, f"{names}Config"),
+            getattr(transformers, f"{names}ForCausalLM"))
+
+
 def random_hf_checkpoint(path: str | Path, config: dict | None = None, seed: int = 0,
                          dtype: str = "float32", bias_scale: float = 0.02):
-    """Save a randomly initialised ``OPTForCausalLM`` with ``save_pretrained`` and return it
-    (in float32, eager attention, for use as the reference).
+    """Save a randomly initialised transformers model of the config's family with
+    ``save_pretrained`` and return it (in float32, eager attention, for use as the reference).
 
-    Biases and LayerNorm parameters are randomised too (HF initialises them to constants,
-    which would hide transposition bugs).
+    Biases and norm parameters are randomised too (HF initialises them to constants, which
+    would hide transposition bugs).
     """
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
 
+    config = config or tiny_opt_config()
+    config_class, model_class = _hf_classes(config.get("model_type", "opt"))
     torch.manual_seed(seed)
-    hf_cfg = OPTConfig(**(config or tiny_opt_config()))
+    hf_cfg = config_class(**config)
     hf_cfg._attn_implementation = "eager"
-    model = OPTForCausalLM(hf_cfg).eval()
+    model = model_class(hf_cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, bias_scale)
-            elif "layer_norm" in name:
+            elif "norm" in name:
                 p.normal_(1.0, 0.1)
     model.to(getattr(torch, dtype)).save_pretrained(str(path), safe_serialization=True)
     return model.float()
 
 
-def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: int = 0,
-                            dtype: str = "float16", shard_layers: int | None = None,
-                            ffn_active: float | None = None) -> Path:
-    """Write an OPT checkpoint with random weights in Hugging Face's file layout using numpy
-    only: ``config.json`` plus ``model.safetensors``, or, with ``shard_layers``, shards of that
-    many layers and a ``model.safetensors.index.json``. Tensors are generated one layer at a
-    time, so large shapes (OPT-1.3B) fit in little memory when sharded.
-
-    Random FFNs fire about half their neurons; ``ffn_active`` shifts the fc1 biases so that
-    about that fraction fires instead (pre-activations are ~N(0, (0.02 sqrt(d))^2) after the
-    layer norm), as in trained ReLU models."""
-    import ml_dtypes
-    from safetensors.numpy import save_file
-
-    cfg = config or tiny_opt_config()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    np_dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
-                "float32": np.float32}[dtype]
-    rng = np.random.default_rng(seed)
+def _opt_tensors(cfg, w, np_dtype, ffn_active):
+    """OPT's tensors: the top-level ones and a function making layer i's."""
     d, n, v = cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"]
     p = cfg.get("word_embed_proj_dim") or d
-
-    def w(*shape, scale=0.02):
-        return (rng.standard_normal(shape, np.float32) * scale).astype(np_dtype)
 
     def norm():
         return {"weight": (1 + w(d, scale=0.1).astype(np.float32)).astype(np_dtype),
@@ -102,6 +107,74 @@ def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: 
         t[f"{pre}layers.{i}.fc2.weight"], t[f"{pre}layers.{i}.fc2.bias"] = w(d, n), w(d)
         return t
 
+    return top, layer
+
+
+def _llama_tensors(cfg, w, np_dtype):
+    """A Llama-family model's tensors: the top-level ones and a function making layer i's."""
+    d, n, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or \
+        cfg["num_attention_heads"]
+    k = cfg.get("head_dim") or d // heads
+    qkv_bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    o_bias = cfg["model_type"] == "llama" and cfg.get("attention_bias", False)
+
+    def norm():
+        return (1 + w(d, scale=0.1).astype(np.float32)).astype(np_dtype)
+
+    top = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": norm()}
+    if not cfg.get("tie_word_embeddings", False):
+        top["lm_head.weight"] = w(v, d)
+
+    def layer(i):
+        pre = f"model.layers.{i}."
+        t = {f"{pre}input_layernorm.weight": norm(),
+             f"{pre}post_attention_layernorm.weight": norm()}
+        for proj, width in (("q_proj", heads * k), ("k_proj", kv_heads * k),
+                            ("v_proj", kv_heads * k)):
+            t[f"{pre}self_attn.{proj}.weight"] = w(width, d)
+            if qkv_bias:
+                t[f"{pre}self_attn.{proj}.bias"] = w(width)
+        t[f"{pre}self_attn.o_proj.weight"] = w(d, heads * k)
+        if o_bias:
+            t[f"{pre}self_attn.o_proj.bias"] = w(d)
+        t[f"{pre}mlp.gate_proj.weight"], t[f"{pre}mlp.up_proj.weight"] = w(n, d), w(n, d)
+        t[f"{pre}mlp.down_proj.weight"] = w(d, n)
+        return t
+
+    return top, layer
+
+
+def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: int = 0,
+                            dtype: str = "float16", shard_layers: int | None = None,
+                            ffn_active: float | None = None) -> Path:
+    """Write an OPT or Llama-family checkpoint (the config's ``model_type``) with random
+    weights in Hugging Face's file layout using numpy only: ``config.json`` plus ``model.safetensors``, or, with ``shard_layers``, shards of that
+    many layers and a ``model.safetensors.index.json``. Tensors are generated one layer at a
+    time, so large shapes (OPT-1.3B, Llama-2-7B) fit in little memory when sharded.
+
+    Random FFNs fire about half their neurons; for OPT ``ffn_active`` shifts the fc1 biases so that
+    about that fraction fires instead (pre-activations are ~N(0, (0.02 sqrt(d))^2) after the
+    layer norm), as in trained ReLU models."""
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    cfg = config or tiny_opt_config()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    np_dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+                "float32": np.float32}[dtype]
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.02):
+        return (rng.standard_normal(shape, np.float32) * scale).astype(np_dtype)
+
+    if cfg.get("model_type", "opt") != "opt":
+        if ffn_active is not None:
+            raise ValueError("ffn_active shifts OPT's fc1 biases; a gated FFN has none")
+        top, layer = _llama_tensors(cfg, w, np_dtype)
+    else:
+        top, layer = _opt_tensors(cfg, w, np_dtype, ffn_active)
     layers = cfg["num_hidden_layers"]
     if shard_layers is None:
         tensors = dict(top)

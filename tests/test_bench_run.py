@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flashjax.cli import main
-from flashjax.testing import synthetic_store, tiny_opt_config
+from flashjax.testing import synthetic_store, tiny_llama_config, tiny_opt_config
 
 
 def test_bench_reports_every_configuration(tmp_path, capsys):
@@ -50,11 +50,16 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     assert naive[-2] == "-"  # no device measured: no fraction
 
 
-def test_bench_with_an_activity_trace(tmp_path):
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_bench_with_an_activity_trace(tmp_path, family):
+    """Trace-driven bench on OPT and on a Llama store (three-part bundles, read as three
+    arrays unbundled)."""
     from flashjax.bench.activity import ActivityTrace
     from flashjax.bench.run import bench
 
-    cfg = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2)
+    cfg = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=2) \
+        if family == "opt" else \
+        tiny_llama_config(hidden_size=64, intermediate_size=1024, num_hidden_layers=2)
     synthetic_store(tmp_path, cfg)  # random weights: ~half the neurons fire
     rng = np.random.default_rng(0)
     active = rng.random((16, 2, 1024)) < 0.04
@@ -69,6 +74,11 @@ def test_bench_with_an_activity_trace(tmp_path):
     assert configs["predictor"]["rows_needed_per_token"] == pytest.approx(0.04 * 2048, rel=0.3)
     assert result["window_sweep"]["1"] == configs["predictor"]["rows_read_per_token"]
     assert configs["predictor"]["rows_per_read_median"] > 0
+    parts = 2 if family == "opt" else 3
+    assert result["row_parts"] == parts and result["row_bytes"] == parts * 64 * 2
+    assert configs["naive"]["flash_bytes_per_token"] == 2 * 1024 * result["row_bytes"]
+    unbundled = configs["predictor+window unbundled"]
+    assert unbundled["flash_bytes_per_token"] == configs["predictor+window"]["flash_bytes_per_token"]
 
 
 def test_device_comparison_interpolates_size_and_concurrency():

@@ -94,21 +94,23 @@ def _whole_blocks(nbytes: int, block: int = 4096) -> int:
     return max(block, -(-nbytes // block) * block)
 
 
-def bundling_gain(limit: dict, row_bytes: int, concurrency: int = 32) -> float:
-    """Neurons per second read as one bundle each, against two reads of half a bundle each,
-    at the device's rates for the two read sizes in sweep ``limit``."""
-    half, whole = _whole_blocks(row_bytes // 2), _whole_blocks(row_bytes)
-    return (2 * _device_gbps_at(limit, whole, concurrency) * half
-            / (_device_gbps_at(limit, half, concurrency) * whole))
+def bundling_gain(limit: dict, row_bytes: int, concurrency: int = 32, parts: int = 2) -> float:
+    """Neurons per second read as one bundle each, against one read per part (OPT: two
+    halves; gated FFNs: three thirds), at the device's rates for the two read sizes in sweep
+    ``limit``."""
+    part, whole = _whole_blocks(row_bytes // parts), _whole_blocks(row_bytes)
+    return (parts * _device_gbps_at(limit, whole, concurrency) * part
+            / (_device_gbps_at(limit, part, concurrency) * whole))
 
 
-def compare_with_device(r: dict, limit: dict, row_bytes: int) -> None:
+def compare_with_device(r: dict, limit: dict, row_bytes: int, parts: int = 2) -> None:
     """Add to config record ``r`` the device's throughput for the same read pattern and the
     fraction of it that ``r`` achieved. The streaming baselines read long contiguous runs:
     compared with the best the device does. The others read rows, at most reader_threads at a
-    time: compared at the row size (unbundled: half a bundle per read, at least one block)."""
+    time: compared at the row size (unbundled: one part of a bundle per read, at least one
+    block)."""
     streaming = _streaming(r["options"])
-    chunk = _whole_blocks(row_bytes if r["options"].get("bundled", True) else row_bytes // 2)
+    chunk = _whole_blocks(row_bytes if r["options"].get("bundled", True) else row_bytes // parts)
     conc = max(1, min(r["reader_threads"], r["rows_per_read_median"]))
     device_gbps = limit["read_gbps_best"] if streaming else _device_gbps_at(limit, chunk, conc)
     r["device_chunk_bytes"] = None if streaming else chunk
@@ -123,7 +125,7 @@ def _achieved_gbps(r: dict) -> float:
 
 
 def compare_with_same_batches(r: dict, model_dir: Path, row_bytes: int,
-                              seconds: float) -> None:
+                              seconds: float, parts: int = 2) -> None:
     """Add to row-set configuration ``r``, just after it ran, the device's rate for reads of
     its own size in batches of its own median size at its concurrency, over the files it read
     (``batch_rate``), and the fraction of that it achieved: the device's figure for the
@@ -135,8 +137,9 @@ def compare_with_same_batches(r: dict, model_dir: Path, row_bytes: int,
     bundled = r["options"].get("bundled", True)
     files = sorted((model_dir / bundles.FFN_DIR).glob("layer_*/c/0/0")) if bundled else \
         sorted((model_dir / bundles.SPLIT_DIR).glob("*/c/0/0"))
-    reads = round(r["rows_per_read_median"]) * (1 if bundled else 2)  # unbundled: two halves
-    rate = batch_rate(files, chunk=_whole_blocks(row_bytes if bundled else row_bytes // 2),
+    reads = round(r["rows_per_read_median"]) * (1 if bundled else parts)  # unbundled: a read
+    # per part
+    rate = batch_rate(files, chunk=_whole_blocks(row_bytes if bundled else row_bytes // parts),
                       batch=reads, concurrency=r["reader_threads"], seconds=seconds)
     r["device_same_batches"] = rate
     r["device_fraction_same_batches"] = (_achieved_gbps(r) / rate["gb_s"]
@@ -193,10 +196,12 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
     read throughput is put at its own row size and concurrency (``device_fraction``)."""
     model_dir = Path(model_dir)
     manifest = Manifest.read(model_dir)
+    parts = len(manifest.config.ffn_parts)  # reads per neuron unbundled
     has_predictors = (model_dir / "predictors").exists()
     bundles.write_split(model_dir)  # the unbundled copy bundling is compared with
     result = {"model": str(model_dir), "dram_budget": dram_budget, "tokens": tokens,
-              "row_bytes": manifest.row_bytes, "trace": trace, "configs": {}}
+              "row_bytes": manifest.row_bytes, "row_parts": parts, "trace": trace,
+              "configs": {}}
     configs = configurations(has_predictors, window, trace)
     for name, options in configs.items():
         if progress:
@@ -204,7 +209,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         r = result["configs"][name] = run_config(model_dir, dram_budget, options, tokens,
                                                  prompt_tokens)
         if device:
-            compare_with_same_batches(r, model_dir, manifest.row_bytes, device_seconds)
+            compare_with_same_batches(r, model_dir, manifest.row_bytes, device_seconds, parts)
     naive = result["configs"]["naive"]["ms_per_token"]
     for r in result["configs"].values():
         r["speedup_vs_naive"] = naive / r["ms_per_token"]
@@ -219,7 +224,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
     if device:
         from flashjax.bench.device import device_limit
 
-        rows = {_whole_blocks(manifest.row_bytes), _whole_blocks(manifest.row_bytes // 2)}
+        rows = {_whole_blocks(manifest.row_bytes), _whole_blocks(manifest.row_bytes // parts)}
         chunks = sorted({4096, 8192, 16384, 32768, 65536, 1 << 20} | rows)
         # the store's own shard files: the bytes the engine reads, where they lie on the
         # storage (a fresh scratch file can sit in a virtual disk's host cache while the store
@@ -232,7 +237,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         row = max(manifest.row_bytes, 4096)
         limit["read_gbps_at_bundle_size"] = _device_gbps_at(limit, row, 32)
         limit["read_gbps_best"] = max(p["gb_s"] for p in limit["points"])
-        limit["bundling_gain"] = bundling_gain(limit, manifest.row_bytes)
+        limit["bundling_gain"] = bundling_gain(limit, manifest.row_bytes, parts=parts)
         result["device_limit"] = limit
         # The unbundled copy lies in other files, which the storage may serve at another rate
         # (a virtual disk's host cache favours what was read most): its reads are put against
@@ -240,19 +245,24 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
         split_limit = None
         if any(not r["options"].get("bundled", True) for r in result["configs"].values()):
             split = sorted((model_dir / bundles.SPLIT_DIR).glob("*/c/0/0"))
-            half = _whole_blocks(manifest.row_bytes // 2)
+            half = _whole_blocks(manifest.row_bytes // parts)  # (a third for gated FFNs)
             whole = _whole_blocks(manifest.row_bytes)
             split_limit = device_limit(split, chunk_sizes=sorted({half, whole}),
                                        concurrencies=(1, 4, 8, 16, 32, 64),
                                        seconds=device_seconds, progress=progress)
             split_limit["read_gbps_at_half_bundle_size"] = _device_gbps_at(split_limit, half, 32)
-            split_limit["bundling_gain_same_files"] = bundling_gain(split_limit,
-                                                                    manifest.row_bytes)
+            split_limit["bundling_gain_same_files"] = bundling_gain(
+                split_limit, manifest.row_bytes, parts=parts)
             result["device_limit_unbundled"] = split_limit
         for r in result["configs"].values():
             unbundled = not r["options"].get("bundled", True)
-            compare_with_device(r, split_limit if unbundled else limit, manifest.row_bytes)
+            compare_with_device(r, split_limit if unbundled else limit, manifest.row_bytes,
+                                parts)
     return result
+
+
+def _parts(result: dict) -> str:
+    return {2: "two halves", 3: "three thirds"}.get(result.get("row_parts", 2), "its parts")
 
 
 def format_table(result: dict) -> str:
@@ -273,14 +283,15 @@ def format_table(result: dict) -> str:
         lines.append(f"device limit at the bundle size ({result['row_bytes']} B, 32 threads), "
                      f"random reads over {limit['file_note']}: "
                      f"{limit['read_gbps_at_bundle_size']:.2f} GB/s; a neuron read as one bundle "
-                     f"instead of two halves there: {limit['bundling_gain']:.2f}x the neurons "
+                     f"instead of {_parts(result)} there: {limit['bundling_gain']:.2f}x the neurons "
                      f"per second")
         if "device_limit_unbundled" in result:
             split = result["device_limit_unbundled"]
-            lines.append(f"unbundled copy ({result['row_bytes'] // 2} B halves, 32 threads), "
+            lines.append(f"unbundled copy ({result['row_bytes'] // result.get('row_parts', 2)} B"
+                         f" parts, 32 threads), "
                          f"random reads over {split['file_note']}: "
                          f"{split['read_gbps_at_half_bundle_size']:.2f} GB/s; on those files a "
-                         f"neuron read as one bundle instead of two halves: "
+                         f"neuron read as one bundle instead of {_parts(result)}: "
                          f"{split['bundling_gain_same_files']:.2f}x the neurons per second")
         lines.append("achieved / device at the same read size and concurrency: " + ", ".join(
             f"{n} {r['device_fraction']:.0%}" for n, r in result["configs"].items()

@@ -111,6 +111,15 @@ def latency_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_export(args) -> int:
+    from flashjax.store.export import export_model_dir
+
+    t0 = time.perf_counter()
+    out = export_model_dir(args.model_dir, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def cmd_verify(args) -> int:
     from flashjax.store.verify import verify
 
@@ -274,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="prompt length in tokens (default: a fixed text, or 10 ids)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a converted model back as a Hugging Face "
+                                      "checkpoint (sharded safetensors)")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=("float16", "float32"),
+                   help="storage dtype (default: the model's; bfloat16 is written as float32)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")
     p.add_argument("model_dir")

@@ -123,3 +123,17 @@ def test_refuses_existing_dir_and_wrong_tree(tmp_path):
         export_hf(params, cfg, tmp_path / "other")
     with pytest.raises(ValueError, match="dtype"):
         export_hf(random_params(cfg, 0), cfg, tmp_path / "x", dtype="int8")
+
+
+def test_streamed_export_of_an_opt_store(converted, tmp_path):
+    """``export_model_dir`` on a converted OPT store gives the checkpoint it came from."""
+    from transformers import OPTForCausalLM
+
+    from flashjax.store.export import export_model_dir
+
+    c = converted("post_ln_proj")
+    out = export_model_dir(c.model_dir, tmp_path / "hf", dtype="float32", progress=False)
+    back = OPTForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    ids = torch.tensor(np.random.default_rng(3).integers(3, 96, size=(2, SEQ)))
+    with torch.no_grad():
+        assert rel_err(back(ids).logits.numpy(), c.reference(ids).logits.numpy()) <= 1e-6

@@ -46,12 +46,8 @@ def export_hf(params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float
         raise FileExistsError(f"output directory {out_dir} already exists; pass overwrite=True "
                               f"or remove it first")
     tensors = hf_tensors(params, cfg, EXPORT_DTYPES[dtype])
-    if cfg.activation == "drelu":
-        log.warning("%s: a dReLU model; transformers' %s ignores the %r field and would "
-                    "compute relu(gate) * up: load it with flashjax or custom modeling code",
-                    out_dir, cfg.to_hf_config()["architectures"][0], FFN_ACTIVATION_FIELD)
-    hf_config = cfg.to_hf_config() | {"torch_dtype": dtype, "dropout": 0.0,
-                                      "attention_dropout": 0.0}
+    _warn_drelu(cfg, out_dir)
+    hf_config = _hf_config(cfg, dtype)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -67,6 +63,103 @@ def export_hf(params, cfg: ModelConfig, out_dir: str | Path, dtype: str = "float
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+SHARD_BYTES = 2 << 30  # safetensors shard size of a streamed export, as HF writes them
+
+
+def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | None = None, *,
+                     shard_bytes: int = SHARD_BYTES, progress: bool = True) -> Path:
+    """Write the converted model in ``model_dir`` back out as a Hugging Face checkpoint in
+    ``out_dir``, one DRAM group and one layer's FFN at a time (so peak memory is about one
+    shard, whatever the model's size): sharded ``model-NNNNN-of-NNNNN.safetensors`` with its
+    index once larger than ``shard_bytes``, ``config.json`` and the tokenizer files. Every FFN
+    row is crc32-checked on the way. ``dtype`` (float16 or float32) defaults to the store's
+    (bfloat16 stores are written as float32). ``out_dir`` must not exist."""
+    from tqdm.auto import tqdm
+
+    from flashjax.model.bundle import rows_to_kernels
+    from flashjax.store import bundles
+    from flashjax.store.convert import TOKENIZER_FILES, dram_group, dram_groups
+    from flashjax.store.load import read_dram_group
+    from flashjax.store.manifest import Manifest
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    manifest = Manifest.read(model_dir)
+    cfg = manifest.config
+    dtype = dtype or (manifest.dtype if manifest.dtype in EXPORT_DTYPES else "float32")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(EXPORT_DTYPES)}")
+    if out_dir.exists():
+        raise FileExistsError(f"output directory {out_dir} already exists; choose a new path "
+                              f"or remove it first")
+    np_dtype = EXPORT_DTYPES[dtype]
+    prefix = PREFIXES[cfg.family]
+    table = dram_table(cfg, prefix)
+    checksums = bundles.load_checksums(model_dir)
+    _warn_drelu(cfg, out_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shards: list[list[str]] = []  # the tensor names of each shard written
+        pending: dict[str, np.ndarray] = {}
+
+        def flush():
+            if pending:
+                save_file(pending, str(tmp / f"shard-{len(shards):05d}"),
+                          metadata={"format": "pt"})
+                shards.append(list(pending))
+                pending.clear()
+
+        for group in tqdm(dram_groups(cfg), desc="export", unit="group", disable=not progress):
+            flat = _flatten(read_dram_group(model_dir, group))
+            tensors = {e.key: _invert(e, np.asarray(flat[e.path], np.float32))
+                       for e in table if dram_group(e.path) == group}
+            if group != "top":
+                layer = int(group.split("_")[1])
+                ffn = rows_to_kernels(cfg, bundles.read_layer(model_dir, layer, checksums))
+                for part, key in zip(cfg.ffn_parts, ffn_keys(cfg, prefix, layer)):
+                    tensors[key] = ffn[part]["kernel"].T  # torch Linear [out, in]
+            for key, w in tensors.items():
+                pending[key] = np.ascontiguousarray(np.asarray(w).astype(np_dtype))
+            if sum(x.nbytes for x in pending.values()) >= shard_bytes:
+                flush()
+        flush()
+        if len(shards) == 1:
+            os.rename(tmp / "shard-00000", tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.rename(tmp / f"shard-{i:05d}", tmp / name)
+                weight_map.update(dict.fromkeys(names, name))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": sum((tmp / n).stat().st_size
+                                                for n in set(weight_map.values()))},
+                 "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(_hf_config(cfg, dtype), indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _hf_config(cfg: ModelConfig, dtype: str) -> dict:
+    return cfg.to_hf_config() | {"torch_dtype": dtype, "dropout": 0.0, "attention_dropout": 0.0}
+
+
+def _warn_drelu(cfg: ModelConfig, out_dir: Path) -> None:
+    if cfg.activation == "drelu":
+        log.warning("%s: a dReLU model; transformers' %s ignores the %r field and would "
+                    "compute relu(gate) * up: load it with flashjax or custom modeling code",
+                    out_dir, cfg.to_hf_config()["architectures"][0], FFN_ACTIVATION_FIELD)
 
 
 def hf_tensors(params, cfg: ModelConfig, np_dtype=np.dtype(np.float32)) -> dict[str, np.ndarray]:

@@ -23,13 +23,18 @@ def read_dram(model_dir: str | Path, manifest: Manifest, convert=None) -> dict:
     params: dict = {}
     checkpointer = ocp.StandardCheckpointer()
     for group in dram_groups(manifest.config):
-        path = (Path(model_dir) / DRAM_DIR / group).absolute()
-        try:
-            tree = checkpointer.restore(path)
-        except Exception as e:
-            raise bundles.StoreError(f"{path}: cannot restore the DRAM checkpoint ({e})") from None
+        tree = read_dram_group(model_dir, group, checkpointer)
         params.update(tree if convert is None else jax.tree.map(convert, tree))
     return params
+
+
+def read_dram_group(model_dir: str | Path, group: str, checkpointer=None) -> dict:
+    """One DRAM checkpoint group ("top" or "layer_NNN", see ``convert.dram_groups``)."""
+    path = (Path(model_dir) / DRAM_DIR / group).absolute()
+    try:
+        return (checkpointer or ocp.StandardCheckpointer()).restore(path)
+    except Exception as e:
+        raise bundles.StoreError(f"{path}: cannot restore the DRAM checkpoint ({e})") from None
 
 
 def split_bundles(rows: np.ndarray, d_model: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,8 +4,9 @@
 #   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~45 GB free)
 #
 # 1. the shipped model under a 50% budget (its cache dir is made on first use);
-# 2. synthetic OPT-1.3B and OPT-6.7B stores (float16, 2.6 GB and 13 GB), driven by an
-#    activity trace of the shipped model's predictors mapped onto their shapes;
+# 2. synthetic OPT-1.3B, OPT-6.7B and Llama-2-7B (ReLU, gated FFN) stores (float16, 2.6, 13
+#    and 13.5 GB), driven by an activity trace of the shipped model's predictors mapped onto
+#    their shapes;
 # 3. the engine's row reads (TensorStore, io_uring) against bare preads.
 # Each bench also measures the storage's random-read limit (O_DIRECT, 4 KiB..1 MiB x 1..64
 # reads in flight, from threads and through io_uring, random reads over the store's own shard
@@ -22,8 +23,9 @@ HELDOUT=${HELDOUT:-data/corpus/heldout.txt}  # the held-out split of scripts/mak
 flashjax bench "$SHIPPED" --dram-budget 50% --tokens 32 --device-seconds 1.5 \
     --json "$OUT/shipped.json" --plots "$OUT/shipped"
 
-declare -A ARGS=([opt-1.3b]="--tokens 8 --windows 1,4,8 --device-seconds 1.5" [opt-6.7b]="--tokens 6 --windows 1,4")
-for preset in opt-1.3b opt-6.7b; do
+declare -A ARGS=([opt-1.3b]="--tokens 8 --windows 1,4,8 --device-seconds 1.5" [opt-6.7b]="--tokens 6 --windows 1,4"
+                 [llama-2-7b]="--tokens 6 --windows 1,4")
+for preset in opt-1.3b opt-6.7b llama-2-7b; do
     dir="$WORK/$preset"
     if [ ! -f "$dir/fj/manifest.json" ]; then
         python scripts/make_random_opt.py "$dir/hf" --preset "$preset" --shard-layers 2

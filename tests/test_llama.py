@@ -255,6 +255,11 @@ def test_predictors_train_and_run_on_llama(tmp_path):
     ids, stats = flash.generate(dense.encode("the river runs"), max_new_tokens=6,
                                 stop_at_eos=False, return_stats=True)
     assert len(ids) == 6 and stats["rows_needed"] > 0
+    from flashjax.predictor.evaluate import evaluate
+
+    result = evaluate(model_dir, text, dram_budget=0.5, tokens=128, seq_len=32,
+                      progress=False, max_context=64)
+    assert np.isfinite(result["ppl_dense"]) and np.isfinite(result["ppl_sparse"])
 
 
 def test_sharded_checkpoint_and_unbundled_reads(tmp_path):
@@ -326,3 +331,35 @@ def test_cli_export_streams_sharded_checkpoint(llama, tmp_path):
     with pytest.raises(bundles.StoreError, match="crc32 mismatch"):
         export_model_dir(store, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+
+
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_config_round_trips(variant):
+    cfg = flashjax.ModelConfig.from_hf_config(LLAMA_VARIANTS[variant])
+    assert flashjax.ModelConfig.from_hf_config(cfg.to_hf_config()) == cfg
+    assert cfg.bundle_width == 3 * cfg.hidden_size and cfg.ffn_parts == ("gate", "up", "down")
+
+
+def test_rope_frequencies_match_transformers():
+    """Every supported rope_scaling type against transformers' own initialisation; "dynamic"
+    only differs past max_position_embeddings (which flashjax refuses), so it is plain RoPE."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from flashjax.config import rope_frequencies
+
+    scalings = {"linear": {"factor": 4.0}, "dynamic": {"factor": 2.0},
+                "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 32}}
+    for kind, extra in scalings.items():
+        d = tiny_llama_config(head_dim=32, rope_theta=50000.0,
+                              rope_scaling={"rope_type": kind, **extra})
+        ours = rope_frequencies(flashjax.ModelConfig.from_hf_config(d))
+        # (transformers' dynamic frequencies at its default length, max_position_embeddings)
+        theirs, scale = ROPE_INIT_FUNCTIONS[kind](HFLlamaConfig(**d), "cpu")
+        assert scale == 1.0
+        np.testing.assert_allclose(ours, theirs.double().numpy(), rtol=1e-6, err_msg=kind)
+        if kind != "dynamic":
+            plain = rope_frequencies(flashjax.ModelConfig.from_hf_config(
+                tiny_llama_config(head_dim=32, rope_theta=50000.0)))
+            assert not np.allclose(ours, plain)

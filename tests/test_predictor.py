@@ -67,12 +67,13 @@ def test_loss_decreases_on_a_known_low_rank_problem():
     opt_state = tx.init(params)
     pos_weight = float((1 - labels.mean()) / labels.mean())
     losses = []
+    compiled = train.train_step._cache_size()  # (other tests may have compiled other shapes)
     for step in range(400):
         idx = rng.integers(0, 6144, 512)
         params, opt_state, loss = train.train_step(module, tx, params, opt_state, x[idx],
                                                    bits[idx], pos_weight)
         losses.append(float(loss))
-    assert train.train_step._cache_size() == 1  # one compilation for every step
+    assert train.train_step._cache_size() == compiled + 1  # one compilation for every step
     assert np.mean(losses[-20:]) < 0.2 * np.mean(losses[:20])
     logits = np.asarray(train._logits(module, params, x[6144:]))
     threshold = train.threshold_for_recall(logits, labels[6144:], 0.99)

@@ -19,16 +19,23 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MIN_BYTES = 1024  # a unitless byte count below this is a typo for a fraction
+
+
 def parse_budget(budget, model_bytes: int) -> int:
     """Bytes from ``budget``: an int byte count, "6GB"/"512MiB", a fraction of ``model_bytes``
     (0.5) or a percentage ("50%")."""
     if isinstance(budget, bool):
         raise ValueError(f"dram_budget {budget!r} is not a size")
     if isinstance(budget, int):
+        if budget < MIN_BYTES:
+            raise ValueError(f"dram_budget {budget!r}: a byte count must be >= {MIN_BYTES} "
+                             f"(or give a unit: '6GB'; a fraction: 0.5; a percentage: '50%')")
         value = budget
     elif isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise ValueError(f"dram_budget {budget!r}: a fraction must be in (0, 1]")
+            raise ValueError(f"dram_budget {budget!r}: a fraction must be in (0, 1] (bytes "
+                             f"need a unit or an integer >= {MIN_BYTES})")
         value = int(budget * model_bytes)
     elif isinstance(budget, str):
         text = budget.strip().upper().replace(" ", "")
@@ -43,10 +50,11 @@ def parse_budget(budget, model_bytes: int) -> int:
                 raise ValueError(f"dram_budget {budget!r}: expected bytes, '6GB', '512MiB', a "
                                  f"fraction like 0.5 or a percentage like '50%'")
             number = float(m.group(1))
-            if m.group(2) == "" and number <= 1 and "." in m.group(1):
-                value = int(number * model_bytes)  # "0.5" on the command line: a fraction
-            else:
-                value = int(number * _UNITS[m.group(2)])
+            if m.group(2) == "" and "." in m.group(1):  # "0.5" on the command line
+                return parse_budget(number, model_bytes)
+            if m.group(2) == "":
+                return parse_budget(int(m.group(1)), model_bytes)
+            value = int(number * _UNITS[m.group(2)])
     else:
         raise ValueError(f"dram_budget {budget!r} is not a size")
     if value <= 0:

@@ -9,12 +9,63 @@ import time
 from pathlib import Path
 
 
+class UsageError(ValueError):
+    """Arguments that do not fit the model: printed as ``error: ...``, exit status 2."""
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: ``kind`` (int or float) within [low, high] (``low_open``: > low)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if low_open else '>='} {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text} must be <= {high}")
+        return value
+    return parse
+
+
+def _budget(text: str) -> str:
+    from flashjax.budget import parse_budget
+
+    try:
+        parse_budget(text, 10**12)  # the syntax and range now; the bytes once the model is known
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return text
+
+
+_POSITIVE = _number(int, 1)
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, "
                                          f"got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return ids
+
+
+def _windows(text: str) -> list[int]:
+    ks = _parse_ids(text)
+    if min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"window sizes must be >= 1, got {text!r}")
+    return ks
 
 
 def cmd_convert(args) -> int:
@@ -46,21 +97,43 @@ def cmd_generate(args) -> int:
         if args.temperature is None:  # a 7M-parameter model loops when greedy: sample
             args.temperature, args.top_p = 0.8, 0.9 if args.top_p is None else args.top_p
     if args.prompt is None and args.prompt_ids is None:
-        raise SystemExit("error: give --prompt or --prompt-ids")
+        raise UsageError("give --prompt or --prompt-ids")
+    # everything that can be checked without the weights, before the (long) load
+    from flashjax.runtime import encode
+    from flashjax.store.load import load_tokenizer
+    from flashjax.store.manifest import Manifest
+
+    manifest = Manifest.read(args.model_dir)
+    cfg = manifest.config
+    if args.prompt_ids is not None:
+        prompt = args.prompt_ids
+        if max(prompt) >= cfg.vocab_size:
+            raise UsageError(f"--prompt-ids: token id {max(prompt)} is outside the "
+                             f"model's vocabulary [0, {cfg.vocab_size})")
+    else:
+        tokenizer = load_tokenizer(args.model_dir, manifest)
+        if tokenizer is None:
+            raise UsageError(f"{args.model_dir} has no tokenizer; use --prompt-ids")
+        prompt = encode(tokenizer, cfg, args.prompt)
+    need = len(prompt) + args.max_new_tokens
+    if need > cfg.max_sequence:
+        raise UsageError(f"the prompt's {len(prompt)} tokens + --max-new-tokens "
+                         f"{args.max_new_tokens} exceed the model's {cfg.sequence_limit}")
     flash = args.dram_budget is not None or args.predictor is not None
     kw = {}
     if flash:
+        if args.max_context is not None and args.max_context < need - 1:
+            raise UsageError(f"--max-context {args.max_context} is less than the prompt's "
+                             f"{len(prompt)} tokens + --max-new-tokens {args.max_new_tokens} - 1")
         kw = dict(dram_budget=args.dram_budget or 1.0, window=args.window,
-                  direct_io=not args.page_cache)
+                  direct_io=not args.page_cache, verify_reads=not args.no_verify_reads,
+                  max_context=args.max_context or need - 1)
         if args.predictor is not None:
             kw["predictor"] = _predictor(args.predictor)
+    elif args.max_context is not None or args.no_verify_reads:
+        raise UsageError("--max-context and --no-verify-reads are for flash mode: "
+                         "give --dram-budget too")
     model = flashjax.load(args.model_dir, progress=not args.json, **kw)
-    if args.prompt_ids is not None:
-        prompt = args.prompt_ids
-    elif model.tokenizer is None:
-        raise SystemExit(f"error: {args.model_dir} has no tokenizer; use --prompt-ids")
-    else:
-        prompt = model.encode(args.prompt)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature or 0.0, top_k=args.top_k,
@@ -160,7 +233,7 @@ def cmd_eval(args) -> int:
 
     result = evaluate(args.model_dir, args.text, dram_budget=args.dram_budget,
                       window=args.window, tokens=args.tokens, seq_len=args.seq_len,
-                      progress=not args.json)
+                      progress=not args.json, verify_reads=not args.no_verify_reads)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -215,72 +288,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", nargs="?",
                    help="a converted model (default: the shipped model, flash-backed at 50%%)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model dir)")
+    src.add_argument("--prompt", type=_utf8,
+                     help="prompt text (needs a tokenizer in the model dir)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float,
+    p.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
+    p.add_argument("--temperature", type=_number(float, 0),
                    help="0: greedy (the default, but for the shipped model: 0.8 with top-p 0.9)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=_number(int, 0), default=0)
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--dram-budget", help="keep the FFN on flash within this DRAM budget: "
-                   "bytes, '6GB', '512MiB', a fraction (0.5) or '50%%' of the dense size")
+    p.add_argument("--dram-budget", type=_budget,
+                   help="keep the FFN on flash within this DRAM budget: bytes (>= 1024), '6GB', "
+                   "'512MiB', a fraction (0.5) or '50%%' of the dense size")
     p.add_argument("--predictor", choices=("oracle", "lowrank", "hybrid", "naive", "none"),
                    help="which neurons each token reads (implies flash mode; default: lowrank "
                    "when the model has predictors, else oracle)")
-    p.add_argument("--window", type=int, default=4, help="keep neurons of the last k tokens")
+    p.add_argument("--window", type=_POSITIVE, default=4,
+                   help="keep neurons of the last k tokens")
+    p.add_argument("--max-context", type=_POSITIVE,
+                   help="KV-cache slots reserved in the budget (default: the prompt plus "
+                        "--max-new-tokens)")
     p.add_argument("--page-cache", action="store_true",
                    help="let the OS page cache serve flash reads (default: O_DIRECT)")
+    p.add_argument("--no-verify-reads", action="store_true",
+                   help="skip the crc32 check of every row read from flash")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("collect", help="record FFN inputs and neuron activity on text")
     p.add_argument("model_dir")
     p.add_argument("--text", required=True, help=".txt or .jsonl (field 'text') or a directory")
     p.add_argument("--out", required=True, help="data directory (a rerun resumes)")
-    p.add_argument("--tokens", type=int, default=100_000)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
+    p.add_argument("--tokens", type=_POSITIVE, default=100_000)
+    p.add_argument("--seq-len", type=_number(int, 2), default=256)
+    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train-predictors", help="train the low-rank activation predictors")
     p.add_argument("model_dir")
     p.add_argument("--data", required=True, help="a `flashjax collect` directory")
-    p.add_argument("--rank", type=int, help="predictor rank (default max(32, d_model/32))")
-    p.add_argument("--steps", type=int, default=2000, help="steps per layer")
-    p.add_argument("--batch", type=int, default=1024, help="tokens per step")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--rank", type=_POSITIVE, help="predictor rank (default max(32, d_model/32))")
+    p.add_argument("--steps", type=_POSITIVE, default=2000, help="steps per layer")
+    p.add_argument("--batch", type=_POSITIVE, default=1024, help="tokens per step")
+    p.add_argument("--lr", type=_number(float, 0, low_open=True), default=3e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--target-recall", type=float, default=0.99)
+    p.add_argument("--target-recall", type=_number(float, 0, 1, low_open=True), default=0.99,
+                   help="each layer's threshold keeps this fraction of active neurons, in (0, 1]")
     p.add_argument("--overwrite", action="store_true", help="replace existing predictors")
     p.set_defaults(func=cmd_train_predictors)
 
     p = sub.add_parser("eval", help="perplexity dense vs flash with predictors; recall")
     p.add_argument("model_dir")
     p.add_argument("--text", required=True)
-    p.add_argument("--dram-budget", default="50%")
-    p.add_argument("--window", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--dram-budget", type=_budget, default="50%")
+    p.add_argument("--window", type=_POSITIVE, default=4)
+    p.add_argument("--tokens", type=_POSITIVE, default=2048)
+    p.add_argument("--seq-len", type=_number(int, 2), default=256)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-verify-reads", action="store_true",
+                   help="skip the crc32 check of every row read from flash")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="the paper's configurations under one DRAM budget")
     p.add_argument("model_dir")
-    p.add_argument("--dram-budget", default="50%")
-    p.add_argument("--tokens", type=int, default=16, help="generated tokens per configuration")
-    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--dram-budget", type=_budget, default="50%")
+    p.add_argument("--tokens", type=_POSITIVE, default=16,
+                   help="generated tokens per configuration")
+    p.add_argument("--window", type=_POSITIVE, default=4)
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--plots", help="write PNG plots into this directory")
     p.add_argument("--no-device-limit", action="store_true",
                    help="skip the storage random-read sweep (it writes a 1 GiB scratch file)")
-    p.add_argument("--device-seconds", type=float, default=0.5,
+    p.add_argument("--device-seconds", type=_number(float, 0, low_open=True), default=0.5,
                    help="seconds per point of the device sweep")
-    p.add_argument("--windows", type=_parse_ids, default=[1, 2, 4, 8],
+    p.add_argument("--windows", type=_windows, default=[1, 2, 4, 8],
                    help="window sizes of the rows-vs-window sweep (comma-separated)")
     p.add_argument("--trace", help="drive the predictor configurations with this activity "
                    "trace (synthetic stores; see scripts/make_activity_trace.py)")
-    p.add_argument("--prompt-tokens", type=int, default=None,
+    p.add_argument("--prompt-tokens", type=_POSITIVE, default=None,
                    help="prompt length in tokens (default: a fixed text, or 10 ids)")
     p.set_defaults(func=cmd_bench)
 
@@ -298,6 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an interrupt leaves behind, per command.
+_INTERRUPTED = {
+    "convert": "nothing was written",
+    "export": "nothing was written",
+    "collect": "the collection can resume: rerun the same command",
+    "train-predictors": "the layers trained so far are kept: rerun the same command to resume",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from flashjax import CheckpointError, ConfigError, StoreError
@@ -308,6 +402,10 @@ def main(argv=None) -> int:
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        left = _INTERRUPTED.get(args.command)
+        print(f"\ninterrupted{'; ' + left if left else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ def default_compute_dtype(storage_dtype) -> jnp.dtype:
     return jnp.dtype(storage_dtype)
 
 
+def encode(tokenizer, cfg: ModelConfig, text: str) -> list[int]:
+    """``text``'s token ids, starting with the model's BOS token (added if the tokenizer did
+    not)."""
+    ids = tokenizer.encode(text).ids
+    if not ids or ids[0] != cfg.bos_token_id:
+        ids = [cfg.bos_token_id, *ids]
+    return ids
+
+
 def _as_batch(token_ids) -> tuple[list[list[int]], bool]:
     """Accept one sequence or a batch; return (batch, was_single)."""
     if isinstance(token_ids, np.ndarray):
@@ -54,6 +63,9 @@ class Model:
     ``generate(prompt_ids, max_new_tokens=...)`` returns the new token ids.
     """
 
+    # prompts are padded to a multiple of this (the dense prefill compiles once per width)
+    prompt_bucket = PROMPT_BUCKET
+
     def __init__(self, cfg: ModelConfig, params, *, tokenizer=None, path: Path | None = None,
                  dtype=jnp.float32):
         self.cfg = cfg
@@ -61,6 +73,17 @@ class Model:
         self.params = params
         self.tokenizer = tokenizer
         self.path = path
+
+    @property
+    def max_slots(self) -> int | None:
+        """The most KV-cache slots a state may have (None: as many as a sequence needs)."""
+        return None
+
+    def _slots(self, need: int) -> int:
+        """KV-cache slots for ``need`` tokens: rounded up to bound recompiles, but never past
+        ``max_slots`` when ``need`` itself fits."""
+        slots = _round_up(need, SLOT_BUCKET)
+        return slots if self.max_slots is None else min(slots, max(need, self.max_slots))
 
     # -- the entry points a subclass may replace ---------------------------------------------
     def init_state(self, batch: int, slots: int):
@@ -94,7 +117,8 @@ class Model:
         b = len(batch)
         if seq > self.cfg.max_sequence:
             raise ValueError(f"sequence length {seq} exceeds {self.cfg.sequence_limit}")
-        width = _round_up(seq, PROMPT_BUCKET)
+        width = _round_up(seq, self.prompt_bucket)
+        width = min(width, max(seq, self.max_slots or width))
         tokens = np.full((b, width), self.cfg.pad_token_id, np.int32)
         valid = np.zeros((b, width), bool)
         for i, s in enumerate(batch):
@@ -134,14 +158,15 @@ class Model:
         if lengths.max() + max_new_tokens > limit:
             raise ValueError(f"prompt length {lengths.max()} + max_new_tokens {max_new_tokens} "
                              f"exceeds {self.cfg.sequence_limit}")
-        b, width = len(batch), _round_up(int(lengths.max()), PROMPT_BUCKET)
+        b, width = len(batch), _round_up(int(lengths.max()), self.prompt_bucket)
         tokens = np.full((b, width), self.cfg.pad_token_id, np.int32)
         valid = np.zeros((b, width), bool)
         for i, s in enumerate(batch):  # left padding: every prompt ends at slot width - 1
             tokens[i, width - len(s):] = s
             valid[i, width - len(s):] = True
         positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-        cache = self.init_state(b, _round_up(width + max_new_tokens, SLOT_BUCKET))
+        # the prompt's slots, then one per new token fed back (the last is only sampled)
+        cache = self.init_state(b, self._slots(width + max_new_tokens - 1))
         logits, cache = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
                                       jnp.asarray(valid), cache)
         last = logits[:, -1]
@@ -171,11 +196,8 @@ class Model:
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, starting with the BOS token as OPT expects."""
-        ids = self._need_tokenizer().encode(text).ids
-        if not ids or ids[0] != self.cfg.bos_token_id:
-            ids = [self.cfg.bos_token_id, *ids]
-        return ids
+        """Token ids of ``text``, starting with the BOS token as OPT and Llama expect."""
+        return encode(self._need_tokenizer(), self.cfg, text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)

@@ -34,6 +34,8 @@ class FlashModel(Model):
     state they ended with).
     """
 
+    prompt_bucket = 1  # the prompt runs a token at a time: no width to compile for
+
     def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
                  options: EngineOptions, selector: Selector, **kw):
         super().__init__(cfg, params, **kw)
@@ -50,6 +52,10 @@ class FlashModel(Model):
         self._buffers = None
         self._warm_up()
 
+    @property
+    def max_slots(self) -> int:
+        return self.options.max_context
+
     # -- state ---------------------------------------------------------------------------------
     def _new_buffers(self) -> list[NeuronBuffer]:
         cfg = self.cfg
@@ -62,7 +68,8 @@ class FlashModel(Model):
             raise ValueError(
                 f"batch {batch} x {slots} KV slots exceeds what the DRAM budget reserved "
                 f"(max_batch {self.options.max_batch} x max_context {self.options.max_context}); "
-                f"load with larger max_batch/max_context")
+                f"load with larger max_batch/max_context (--max-context), up to the model's "
+                f"{self.cfg.sequence_limit}")
         buffers = self._buffers
         if buffers is None or any(b.up.is_deleted() for b in buffers):  # (an interrupted call)
             buffers = self._new_buffers()

@@ -16,8 +16,8 @@ class EngineOptions:
     max_context: int | None = None  # KV-cache slots reserved (None: min(max positions, 256))
     resident_dtype: str | None = None  # dtype of resident weights in DRAM (None: see load)
     max_batch: int = 1  # sequences per batch reserved in the budget
-    verify_reads: bool = False  # crc32-check every row read
-    bundled: bool = True  # False: read up and down halves from the unbundled copy (benchmarks)
+    verify_reads: bool = True  # crc32-check every row read (cost: docs/BENCHMARKS.md)
+    bundled: bool = True  # False: read each part from the unbundled copy (benchmarks)
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
     overlap: bool = True  # buffer updates and FFN work run while the next rows are read
     io_uring: bool | None = None  # row sets read through io_uring (None: where it can be)

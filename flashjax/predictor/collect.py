@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from flashjax.model import decoder
 from flashjax.predictor.text import sequences
 
 META = "meta.json"
+log = logging.getLogger(__name__)
 
 
 def _activations(module, tokens, positions, valid, cache: KVCache):
@@ -89,6 +91,9 @@ def collect(model, text, out_dir, *, tokens: int = 100_000, seq_len: int = 256,
     """Run the dense ``model`` (a loaded ``flashjax.runtime.Model`` with a tokenizer) over
     ``text`` and store its FFN inputs and activity in ``out_dir``; returns the metadata."""
     cfg = model.cfg
+    for name, value, low in (("tokens", tokens, 1), ("seq_len", seq_len, 2), ("batch", batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"collect: {name} must be an integer >= {low}, got {value!r}")
     if model.tokenizer is None:
         raise ValueError(f"model {model.path} has no tokenizer to read text with")
     if cfg.ffn_dim % 8:
@@ -147,6 +152,13 @@ def collect(model, text, out_dir, *, tokens: int = 100_000, seq_len: int = 256,
         bar.update(rows_per_batch)
         pending = []
     bar.close()
+    if done == 0:
+        raise ValueError(f"{text}: not one batch of {batch} sequences of {seq_len} tokens in "
+                         f"the text; nothing to collect (use more text, or a smaller --seq-len "
+                         f"or --batch)")
+    if done < meta["tokens_target"]:
+        log.warning("%s: the text ran out after %d of the %d tokens asked for; collected those",
+                    text, done, meta["tokens_target"])
     meta["complete"] = True
     _write_meta(out_dir, meta)
     return meta

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from flashjax.predictor.model import PREDICTORS_DIR, LowRankPredictor, default_r
 from flashjax.store.manifest import Manifest
 
 PARTIAL = PREDICTORS_DIR + ".partial"
+log = logging.getLogger(__name__)
 
 
 def unpack(bits, n_neurons: int):
@@ -127,10 +129,29 @@ def train_predictors(model_dir, data_dir, *, rank: int | None = None, steps: int
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     manifest = Manifest.read(model_dir)
     cfg = manifest.config
+    for name, value, low in (("steps", steps, 1), ("batch", batch, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"train_predictors: {name} must be an integer >= {low}, got "
+                             f"{value!r}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"train_predictors: rank must be an integer >= 1, got {rank!r}")
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"train_predictors: target_recall must be in (0, 1], got "
+                         f"{target_recall!r}")
+    if not lr > 0:
+        raise ValueError(f"train_predictors: lr must be > 0, got {lr!r}")
     meta = read_meta(data_dir)
     if (meta["n_layers"], meta["d_model"], meta["n_neurons"]) != \
             (cfg.num_hidden_layers, cfg.hidden_size, cfg.ffn_dim):
         raise ValueError(f"{data_dir} was collected from a model of other shape ({meta})")
+    if not meta.get("complete"):
+        log.warning("%s: the collection is incomplete (%d of %d tokens; rerun `flashjax "
+                    "collect` with the same arguments to finish it): training on the %d "
+                    "collected", data_dir, meta["tokens_written"], meta["tokens_target"],
+                    meta["tokens_written"])
+    if meta["tokens_written"] < 2:
+        raise ValueError(f"{data_dir}: {meta['tokens_written']} tokens collected; nothing to "
+                         f"train on")
     final = model_dir / PREDICTORS_DIR
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} exists; pass overwrite=True (--overwrite) to retrain")

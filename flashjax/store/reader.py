@@ -217,10 +217,15 @@ class FlashReader:
                 "metadata_cache_pool": "cache_pool#meta",
                 "recheck_cached_data": "open"}
         try:
-            return ts.open(spec, open=True, read=True, context=self.context).result()
+            store = ts.open(spec, open=True, read=True, context=self.context).result()
         except Exception as e:
             raise bundles.StoreError(f"{spec['kvstore']['path']}: cannot open ({e}); run "
                                      f"`flashjax verify {self.model_dir}`") from None
+        shard = Path(spec["kvstore"]["path"]) / "c" / "0" / "0"
+        if not shard.is_file():  # TensorStore would read a missing shard as zeros
+            raise bundles.StoreError(f"{shard}: the shard file holding every row of this array "
+                                     f"is missing; the store is incomplete, reconvert the model")
+        return store
 
     def _select(self, slot: int) -> None:
         self.slot = slot

@@ -122,7 +122,7 @@ def test_bit_flipped_bundle_row(converted_dir):
     row_bytes = 2 * 32 * 4
     raw[5 * row_bytes + 3] ^= 0x10  # one bit of neuron 5
     shard.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match=r"layer_001: crc32 mismatch in 1 row\(s\) \(neurons 5\)"):
+    with pytest.raises(StoreError, match=r"layer_001: crc32c mismatch in 1 row\(s\) \(neurons 5\)"):
         flashjax.load(converted_dir, progress=False)
     with pytest.raises(StoreError, match="neurons 5"):
         from flashjax.store.verify import verify

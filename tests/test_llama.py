@@ -328,7 +328,7 @@ def test_cli_export_streams_sharded_checkpoint(llama, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[100] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(bundles.StoreError, match="crc32 mismatch"):
+    with pytest.raises(bundles.StoreError, match="crc32c mismatch"):
         export_model_dir(store, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
 

@@ -64,7 +64,7 @@ def test_range_read_of_a_corrupt_row_is_caught(tmp_path):
     shard.write_bytes(bytes(data))
     reader = FlashReader(tmp_path / "fj", manifest, max_rows=1024, verify=True)
     reader.read_range(1, 0, 700)  # the rows before it are fine
-    with pytest.raises(bundles.StoreError, match=r"crc32 mismatch in 1 row\(s\) \(neurons 700\)"):
+    with pytest.raises(bundles.StoreError, match=r"crc32c mismatch in 1 row\(s\) \(neurons 700\)"):
         reader.read_range(1, 512, 1024)
 
 

@@ -55,7 +55,7 @@ def test_manifest_records_sizes_and_layout(converted):
     c = converted("post_ln_proj", "bfloat16")
     d = json.loads((c.model_dir / "manifest.json").read_text())
     cfg = tiny_opt_config(do_layer_norm_before=False, word_embed_proj_dim=16)
-    assert d["format"] == "flashjax" and d["format_version"] == 1 and d["dtype"] == "bfloat16"
+    assert d["format"] == "flashjax" and d["format_version"] == 2 and d["dtype"] == "bfloat16"
     assert d["layout"]["ffn"]["row_bytes"] == 2 * cfg["hidden_size"] * 2
     assert d["sizes"]["ffn_bytes"] == cfg["num_hidden_layers"] * cfg["ffn_dim"] * 4 * cfg["hidden_size"]
     assert d["config"]["word_embed_proj_dim"] == 16 and d["config"]["do_layer_norm_before"] is False

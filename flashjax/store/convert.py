@@ -3,15 +3,22 @@
 The conversion is a table: each flashjax parameter names its HF tensor and a transform. Every
 key and shape is checked before anything is written; tensors are then read one at a time, the
 FFN of one layer at a time, so peak memory is about the DRAM part plus one layer's FFN. Output
-goes to a hidden sibling directory that is renamed into place only when complete.
+goes to a hidden sibling directory ``.{name}.partial-{pid}`` that is renamed into place only
+when complete; one left behind by a process that no longer runs is removed by the next
+conversion into the same parent directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
+import re
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +31,7 @@ from tqdm.auto import tqdm
 from flashjax.config import ConfigError, LlamaConfig, ModelConfig, OPTConfig
 from flashjax.store import bundles
 from flashjax.store.hf import CheckpointError, HFCheckpoint
-from flashjax.store.manifest import DRAM_DIR, DTYPES, Manifest
+from flashjax.store.manifest import DRAM_DIR, DTYPES, Manifest, dram_groups, tensor_checksum
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +212,9 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     np_dtype = NP_DTYPES[dtype]
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir.parent)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    checkpointer = ocp.StandardCheckpointer()  # one for every group, closed before tmp goes
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -213,22 +222,27 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
         context = bundles.write_context()
         (tmp / bundles.FFN_DIR).mkdir()
         dram_bytes = 0
+        dram_checksums: dict[str, dict[str, int]] = {}
         # One orbax checkpoint per DRAM group (orbax copies a tree while saving it, so saving
         # the whole DRAM part at once would double its memory); each layer's FFN goes to the
         # flash store in the same pass.
         for group in tqdm(dram_groups(cfg), desc="convert", unit="group", disable=not progress):
             tree: dict = {}
+            crcs = dram_checksums[group] = {}
             for e in table:
                 if dram_group(e.path) == group:
-                    _set(tree, e.path, np.ascontiguousarray(e.fn(ckpt.get(e.key)).astype(np_dtype)))
+                    x = np.ascontiguousarray(e.fn(ckpt.get(e.key)).astype(np_dtype))
+                    crcs["/".join(e.path)] = tensor_checksum(x)  # of the very bytes saved
+                    _set(tree, e.path, x)
             dram_bytes += sum(x.nbytes for x in jax.tree.leaves(tree))
-            save_dram_group(tmp, group, tree)
+            save_dram_group(tmp, group, tree, checkpointer)
             del tree
             if group != "top":
                 layer = int(group.split("_")[1])
                 rows = bundle_rows(*(ckpt.get(k) for k in ffn_keys(cfg, prefix, layer)))
                 rows = rows.astype(np_dtype, copy=False)
-                bundles.create_layer(tmp, layer, rows, context)
+                with _sigint_deferred():
+                    bundles.create_layer(tmp, layer, rows, context)
                 checksums[layer] = bundles.row_checksums(rows)
                 del rows
         np.save(tmp / bundles.FFN_DIR / bundles.CHECKSUM_FILE, checksums)
@@ -244,13 +258,74 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
             tokenizer = "vocab.json"
         manifest = Manifest(config=cfg, dtype=dtype, dram_bytes=dram_bytes, tokenizer=tokenizer,
                             source={"path": str(hf_dir.absolute()),
-                                    "files": sorted({p.name for p in ckpt.files.values()})})
+                                    "files": sorted({p.name for p in ckpt.files.values()})},
+                            dram_checksums=dram_checksums)
+        checkpointer.close()
         manifest.write(tmp)  # written last: a directory without it never loads
-        os.rename(tmp, out_dir)
+        _publish(tmp, out_dir)
     except BaseException:
+        # A save may still be in flight (an error between orbax's save and its wait): let
+        # its threads finish before removing the directory they write into. A Ctrl-C during
+        # this wait leaves the directory to the next conversion's stale cleanup.
+        try:
+            checkpointer.close()
+        except Exception as e:  # the abandoned save's own error: of no interest now
+            log.debug("closing the checkpointer of an abandoned conversion: %s", e)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``, unless another conversion got there first."""
+    lost = FileExistsError(f"another conversion finished {out_dir} first; this conversion's "
+                           f"output was discarded and {out_dir} left as it is")
+    if out_dir.exists():
+        raise lost
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as e:  # it appeared since: rename(2) refuses a non-empty directory
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise lost from None
+        raise
+
+
+_PARTIAL = re.compile(r"\..+\.partial-(\d+)")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    except (OverflowError, OSError):  # no such pid can exist: not ours to judge, keep it
+        return True
+    return True
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Remove the ``.{name}.partial-{pid}`` directories in ``parent`` left by conversions (or
+    exports) whose process no longer runs; return them. Those of live processes stay."""
+    stale = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return stale
+    for path in entries:
+        m = _PARTIAL.fullmatch(path.name)
+        if m is None or path.is_symlink() or not path.is_dir():
+            continue
+        pid = int(m[1])
+        if pid <= 0 or pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        stale.append(path)
+    if stale:
+        log.warning("removed %d partial output(s) of interrupted conversions whose process is "
+                    "gone: %s", len(stale), ", ".join(str(p) for p in stale))
+    return stale
 
 
 def dram_group(path: tuple[str, ...]) -> str:
@@ -258,12 +333,37 @@ def dram_group(path: tuple[str, ...]) -> str:
     return f"layer_{int(path[0].split('_')[1]):03d}" if path[0].startswith("layers_") else "top"
 
 
-def dram_groups(cfg: ModelConfig) -> list[str]:
-    return ["top"] + [f"layer_{i:03d}" for i in range(cfg.num_hidden_layers)]
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C back until the block is done, then raise its KeyboardInterrupt.
+
+    Writes cut short leave threads writing into the partial directory after it is removed:
+    orbax's ``save`` starts threads (metadata, commits) that only the finished call hands to
+    the checkpointer, an interrupted ``Thread.join`` marks a running thread stopped (CPython
+    3.11) so the checkpointer cannot wait for it either, and TensorStore writes on in C++.
+    So a save, or a layer's FFN write, always completes (a second or so per layer at 7B).
+    Only in the main thread, and only while Python's own SIGINT handler is set."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
-def save_dram_group(model_dir: Path, group: str, tree: dict) -> None:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((model_dir / DRAM_DIR / group).absolute(), tree)
-    checkpointer.wait_until_finished()
+def save_dram_group(model_dir: Path, group: str, tree: dict, checkpointer=None) -> None:
+    """Save one DRAM group and wait for it (orbax holds a copy of the tree until done)."""
+    own = checkpointer is None
+    checkpointer = checkpointer or ocp.StandardCheckpointer()
+    with _sigint_deferred():
+        checkpointer.save((model_dir / DRAM_DIR / group).absolute(), tree)
+        checkpointer.wait_until_finished()
+    if own:
+        checkpointer.close()
 

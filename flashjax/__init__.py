@@ -7,4 +7,5 @@ from flashjax.store.convert import convert
 from flashjax.store.hf import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["load", "convert", "ModelConfig", "OPTConfig", "LlamaConfig", "ConfigError", "CheckpointError", "StoreError"]
+__all__ = ["load", "convert", "ModelConfig", "OPTConfig", "LlamaConfig", "ConfigError",
+           "CheckpointError", "StoreError"]

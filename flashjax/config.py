@@ -61,7 +61,8 @@ class ModelConfig:
         for name in self._POSITIVE:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name!r} must be a positive integer, found {value!r}")
+                raise ConfigError(f"config field {name!r} must be a positive integer, found "
+                                  f"{value!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.activation == "drelu" and len(self.ffn_parts) != 3:
@@ -348,7 +349,8 @@ class LlamaConfig(ModelConfig):
     @functools.cached_property
     def max_sequence(self) -> int:
         """The longest sequence computed exactly: within the sliding window, if any."""
-        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
+        return min(self.max_position_embeddings,
+                   self.sliding_window or self.max_position_embeddings)
 
     @functools.cached_property
     def sequence_limit(self) -> str:

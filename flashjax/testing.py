@@ -149,7 +149,8 @@ def synthetic_hf_checkpoint(path: str | Path, config: dict | None = None, seed: 
                             dtype: str = "float16", shard_layers: int | None = None,
                             ffn_active: float | None = None) -> Path:
     """Write an OPT or Llama-family checkpoint (the config's ``model_type``) with random
-    weights in Hugging Face's file layout using numpy only: ``config.json`` plus ``model.safetensors``, or, with ``shard_layers``, shards of that
+    weights in Hugging Face's file layout using numpy only: ``config.json`` plus
+    ``model.safetensors``, or, with ``shard_layers``, shards of that
     many layers and a ``model.safetensors.index.json``. Tensors are generated one layer at a
     time, so large shapes (OPT-1.3B, Llama-2-7B) fit in little memory when sharded.
 

@@ -283,7 +283,8 @@ def format_table(result: dict) -> str:
         lines.append(f"device limit at the bundle size ({result['row_bytes']} B, 32 threads), "
                      f"random reads over {limit['file_note']}: "
                      f"{limit['read_gbps_at_bundle_size']:.2f} GB/s; a neuron read as one bundle "
-                     f"instead of {_parts(result)} there: {limit['bundling_gain']:.2f}x the neurons "
+                     f"instead of {_parts(result)} there: {limit['bundling_gain']:.2f}x the "
+                     f"neurons "
                      f"per second")
         if "device_limit_unbundled" in result:
             split = result["device_limit_unbundled"]

@@ -31,9 +31,9 @@ class RowUpdate:
     argument of a jitted call costs ~8 us of dispatch on CPU).
 
     ids [S]: the neuron ids in the staged rows, padded with 0 (their biases, where the family
-    has them, are gathered on the device from the layer's resident bias vector); holes [S] <- movers [S]: row moves,
-    holes padded out of range (dropped), movers with 0; count: staged rows that are real;
-    start: the slot the first staged row is appended at.
+    has them, are gathered on the device from the layer's resident bias vector);
+    holes [S] <- movers [S]: row moves, holes padded out of range (dropped), movers with 0;
+    count: staged rows that are real; start: the slot the first staged row is appended at.
     """
 
     ids: jax.Array

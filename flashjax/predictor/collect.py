@@ -2,9 +2,9 @@
 
 Per layer, two TensorStore zarr3 arrays in DATA_DIR/layer_NNN/: ``ffn_in`` [T, D] float16
 (the normalised attention output that feeds the FFN) and ``active`` [T, N/8] uint8 (bit j of
-a row: neuron j fires: its ReLU's input > 0, for dReLU both, little bit order). Written a batch at a time, so
-memory does not grow with T; ``meta.json`` records how many tokens are complete, and a
-rerun with the same arguments resumes from there.
+a row: neuron j fires: its ReLU's input > 0, for dReLU both; little bit order). Written a
+batch at a time, so memory does not grow with T; ``meta.json`` records how many tokens are
+complete, and a rerun with the same arguments resumes from there.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The flash store: one TensorStore zarr3 array per layer, ``[n_neurons, parts * d_model]``.
 
 Row i is neuron i's bundle: OPT's up-projection column (fc1 weight row i) followed by its
-down-projection row (fc2 weight column i); a gated FFN's gate row, up row and down column. One shard holds a whole layer and the inner chunk is
-one row, uncompressed, so every neuron is one contiguous, aligned byte range of the shard file
-(row i at offset ``i * row_bytes``, the shard index with its crc32c at the end). Row data carry
-a crc32 per row in ``ffn/crc32.npy``, kept beside the arrays rather than as a per-chunk codec so
-that rows stay block-aligned for direct I/O.
+down-projection row (fc2 weight column i); a gated FFN's gate row, up row and down column.
+One shard holds a whole layer and the inner chunk is one row, uncompressed, so every neuron
+is one contiguous, aligned byte range of the shard file (row i at offset ``i * row_bytes``,
+the shard index with its crc32c at the end). Row data carry a checksum per row (crc32c; crc32
+in older stores) in ``ffn/crc32.npy``, kept beside the arrays rather than as a per-chunk codec
+so that rows stay block-aligned for direct I/O.
 """
 
 from __future__ import annotations

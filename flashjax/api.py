@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -19,6 +20,29 @@ from flashjax.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 PREDICTORS = ("auto", "oracle", "lowrank", "hybrid", "naive", None)
+
+
+COMPILATION_CACHE_ENV = "FLASHJAX_COMPILATION_CACHE"  # "0": off; a path: that directory
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache in the flashjax cache directory (its
+    ``xla/``), unless the environment says ``FLASHJAX_COMPILATION_CACHE=0`` or the caller has
+    set a JAX cache directory already; every compiled function is kept, so a repeat run
+    compiles nothing. Returns the directory in use, or None."""
+    from flashjax.shipped import cache_root
+
+    setting = os.environ.get(COMPILATION_CACHE_ENV, "")
+    if setting == "0":
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = Path(setting) if setting else cache_root() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int | None = None,
@@ -37,10 +61,12 @@ def load(path: str | Path, *, dram_budget=None, predictor="auto", window: int | 
     rows a token needs that do not fit are streamed through the staging buffer. ``window``
     (default 4) keeps neurons used by the last k tokens. Computation is in ``dtype`` (default
     float32 on CPU, the storage dtype on accelerators). Further keyword arguments set
-    ``flashjax.engine.EngineOptions``; all of these need ``dram_budget``.
+    ``flashjax.engine.EngineOptions``; all of these need ``dram_budget``. Compiled code is
+    kept in JAX's persistent compilation cache (``enable_compilation_cache``).
     """
     path = Path(path)
     manifest = Manifest.read(path)
+    enable_compilation_cache()
     dtype = jnp.dtype(dtype) if dtype is not None else default_compute_dtype(
         NP_DTYPES[manifest.dtype])
     if dram_budget is None:

@@ -1,4 +1,4 @@
-"""The ``flashjax`` command line: parses arguments and calls the Python API."""
+"""The flashjax command line: parses arguments and calls the Python API."""
 
 from __future__ import annotations
 
@@ -134,25 +134,58 @@ def cmd_generate(args) -> int:
         raise UsageError("--max-context and --no-verify-reads are for flash mode: "
                          "give --dram-budget too")
     model = flashjax.load(args.model_dir, progress=not args.json, **kw)
+    printer = None if args.json else _TokenPrinter(model, args.prompt)
     t0 = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature or 0.0, top_k=args.top_k,
                          top_p=1.0 if args.top_p is None else args.top_p,
-                         seed=args.seed, **({"return_stats": True} if flash else {}))
+                         seed=args.seed, on_token=printer,
+                         **({"return_stats": True} if flash else {}))
     new, stats = out if flash else (out, None)
     seconds = time.perf_counter() - t0
     text = model.decode(new) if model.tokenizer is not None else None
     if args.json:
-        result = {"token_ids": new, "text": text, "prompt_ids": prompt, "seconds": seconds}
+        result = {"token_ids": new, "text": text, "prompt_ids": prompt, "seconds": seconds,
+                  "seed": args.seed}
         if stats is not None:
             result["stats"] = stats
         print(json.dumps(result))
         return 0
-    print((args.prompt or "") + text if text is not None else " ".join(map(str, new)))
-    print(f"[{len(new)} tokens in {seconds:.2f} s]", file=sys.stderr)
+    printer.close(new)
+    sampled = f", sampled with seed {args.seed}" if args.temperature else ""
+    print(f"[{len(new)} tokens in {seconds:.2f} s{sampled}]", file=sys.stderr)
     if stats is not None:
         print(latency_table(stats), file=sys.stderr)
     return 0
+
+
+class _TokenPrinter:
+    """Prints a generation as it goes: the text decoded so far (or the ids), each new piece
+    as soon as its token is chosen."""
+
+    def __init__(self, model, prompt_text):
+        self.model, self.shown = model, ""
+        self.text = model.tokenizer is not None
+        if self.text and prompt_text:
+            sys.stdout.write(prompt_text)
+            sys.stdout.flush()
+
+    def __call__(self, ids, final: bool = False) -> None:
+        if self.text:
+            now = self.model.decode(ids)
+            # (a piece ending in U+FFFD is a character whose bytes are still to come)
+            if now.startswith(self.shown) and (final or not now.endswith("\ufffd")):
+                sys.stdout.write(now[len(self.shown):])
+                self.shown = now
+        elif not final:
+            sys.stdout.write(("" if len(ids) == 1 else " ") + str(ids[-1]))
+        sys.stdout.flush()
+
+    def close(self, ids) -> None:
+        if ids:
+            self(ids, final=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def _rows_per_layer(capacities: list[int]) -> str:
@@ -269,9 +302,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+DESCRIPTION = ("Run language models whose FFN weights stay on flash: convert a Hugging Face "
+               "checkpoint once, train its activation predictors, generate within a DRAM "
+               "budget, and measure it.")
+
+
+def _shown_default(action) -> bool:
+    return not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action):
+        if not _shown_default(action) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flashjax", description=__doc__)
+    import flashjax
+
+    parser = argparse.ArgumentParser(prog="flashjax", description=DESCRIPTION)
+    parser.add_argument("--version", action="version",
+                        version=f"flashjax {flashjax.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, formatter_class=_Help, **kw)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint (OPT; Llama, "
                                        "Mistral or Qwen2 with ReLU)")
@@ -327,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-predictors", help="train the low-rank activation predictors")
     p.add_argument("model_dir")
     p.add_argument("--data", required=True, help="a `flashjax collect` directory")
-    p.add_argument("--rank", type=_POSITIVE, help="predictor rank (default max(32, d_model/32))")
+    p.add_argument("--rank", type=_POSITIVE, help="predictor rank (default max(64, d_model/32))")
     p.add_argument("--steps", type=_POSITIVE, default=2000, help="steps per layer")
     p.add_argument("--batch", type=_POSITIVE, default=1024, help="tokens per step")
     p.add_argument("--lr", type=_number(float, 0, low_open=True), default=3e-3)
@@ -380,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")
     p.add_argument("model_dir")
     p.set_defaults(func=cmd_verify)
+    for command in sub.choices.values():  # options without help still show their default
+        for action in command._actions:
+            if action.help is None and action.option_strings and _shown_default(action):
+                action.help = "(default: %(default)s)"
     return parser
 
 

@@ -138,15 +138,62 @@ class Model:
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 stop_at_eos: bool = True, return_state: bool = False):
+                 stop_at_eos: bool = True, return_state: bool = False, on_token=None):
         """Continue one prompt (a list of ids) or a batch of prompts of any lengths.
 
         Greedy when ``temperature`` is 0, else sampling with ``top_k`` (0: off) and ``top_p``
         (1: off) from ``seed``. Returns the new ids (a list, or a list per prompt), including
         the end-of-sequence token when one stops a sequence; with ``return_state``, (ids, the
-        state generation ended with).
+        state generation ended with). ``on_token(ids)``, when given, is called with the new
+        ids so far (the list, or the list per prompt) each time a token is chosen, before the
+        next is computed.
         """
         batch, single = _as_batch(prompt_ids)
+        out: list[list[int]] = [[] for _ in batch]
+        steps = self._steps(batch, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+        while True:
+            try:
+                host_ids, live = next(steps)
+            except StopIteration as stop:
+                cache = stop.value
+                break
+            for i in np.flatnonzero(live):
+                out[i].append(int(host_ids[i]))
+            if on_token is not None:
+                on_token(out[0] if single else out)
+        ids = out[0] if single else out
+        return (ids, cache) if return_state else ids
+
+    def stream(self, prompt_ids, max_new_tokens: int = 32, **sampling_options):
+        """``generate`` for one prompt, as a generator: yields each new token id as soon as
+        it is chosen (the next one is computed only when asked for). Keyword arguments as
+        ``generate``'s sampling options and ``stop_at_eos``."""
+        batch, single = _as_batch(prompt_ids)
+        if not single:
+            raise ValueError("stream takes one prompt (a list of ids); use generate(..., "
+                             "on_token=...) for a batch")
+        options = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "stop_at_eos": True}
+        unknown = set(sampling_options) - set(options)
+        if unknown:
+            raise TypeError(f"stream: unknown option(s) {sorted(unknown)}")
+        options.update(sampling_options)
+        steps = self._steps(batch, max_new_tokens, options["temperature"], options["top_k"],
+                            options["top_p"], options["seed"], options["stop_at_eos"])
+        while True:
+            try:
+                host_ids, _ = next(steps)
+            except StopIteration as stop:
+                self._finish(stop.value)
+                return
+            yield int(host_ids[0])
+
+    def _finish(self, state) -> None:
+        """A generation ended with ``state`` (a subclass may reuse its memory)."""
+
+    def _steps(self, batch, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+        """The generation loop as a generator: yields each step's chosen ids [B] (numpy) and
+        the mask of the sequences that take them (not stopped before); returns the state it
+        ended with."""
         self._check_ids(batch)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -171,7 +218,6 @@ class Model:
                                       jnp.asarray(valid), cache)
         last = logits[:, -1]
         key = jax.random.key(seed)
-        out: list[list[int]] = [[] for _ in range(b)]
         done = np.zeros(b, bool)
         for step in range(max_new_tokens):
             if temperature > 0:
@@ -180,14 +226,12 @@ class Model:
             else:
                 next_ids = sampling.greedy(last)
             host_ids = np.asarray(next_ids)
-            for i in np.flatnonzero(~done):
-                out[i].append(int(host_ids[i]))
-                done[i] = stop_at_eos and host_ids[i] == self.cfg.eos_token_id
+            yield host_ids, ~done
+            done |= stop_at_eos & (host_ids == self.cfg.eos_token_id)
             if done.all() or step == max_new_tokens - 1:
                 break
             last, cache = self._decode(next_ids, jnp.asarray(lengths + step), cache)
-        ids = out[0] if single else out
-        return (ids, cache) if return_state else ids
+        return cache
 
     # -- text ----------------------------------------------------------------------------------
     def _need_tokenizer(self):

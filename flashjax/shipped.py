@@ -32,7 +32,10 @@ def cache_root() -> Path:
 
 
 def _fingerprint(hf_dir: Path) -> str:
-    h = hashlib.sha256()
+    """Of the checkpoint's files and the store format: a new format converts again."""
+    from flashjax.store.manifest import FORMAT_VERSION
+
+    h = hashlib.sha256(f"format {FORMAT_VERSION}".encode())
     for name in ("config.json", "model.safetensors", "predictors/metrics.json"):
         path = hf_dir / name
         if path.exists():

@@ -81,6 +81,8 @@ class FlashModel(Model):
     def _done(self, state: FlashState) -> None:
         self._buffers = list(state.buffers)  # the next call reuses their memory
 
+    _finish = _done
+
     def _warm_up(self) -> None:
         """Compile the row kernels for every padded size now, not while generating."""
         state = self.init_state(1, 1)

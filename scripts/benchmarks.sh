@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce every figure in docs/BENCHMARKS.md.
 #
-#   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~45 GB free)
+#   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~80 GB free)
 #
 # 1. the shipped model under a 50% budget (its cache dir is made on first use);
 # 2. synthetic OPT-1.3B, OPT-6.7B and Llama-2-7B (ReLU, gated FFN) stores (float16, 2.6, 13
@@ -39,6 +39,13 @@ for preset in opt-1.3b opt-6.7b llama-2-7b; do
         --prompt-tokens 2 ${ARGS[$preset]} --json "$OUT/$preset.json" \
         --plots "$OUT/$preset"
 done
+# naive against predictor+window with checked and unchecked reads, and the checks' own cost
+for preset in llama-2-7b opt-6.7b; do
+    python scripts/headline_ab.py "$WORK/$preset/fj" --trace "$WORK/trace-$preset.npz" \
+        --json "$OUT/headline-$preset.json"
+done
+python scripts/verify_cost.py "$WORK/opt-1.3b/fj" --trace "$WORK/trace-opt-1.3b.npz" \
+    --dram-budget 50% --tokens 8 --rounds 3
 python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 8,32,128,375,1024 > "$OUT/reader_overhead.txt"
 python scripts/reader_overhead.py "$WORK/opt-1.3b/fj" --rows 8,32,128,208,512 > "$OUT/reader_overhead-opt-1.3b.txt"
 python scripts/reader_overhead.py "$SHIPPED" --rows 8,24,48,128,512 > "$OUT/reader_overhead-shipped.txt"

@@ -211,3 +211,22 @@ def choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, selec
         if last or wanted is None or all(c >= w for c, w in zip(plan.capacities, wanted)):
             return candidate, plan
     raise AssertionError("unreachable")
+
+
+def minimum_budget(manifest: Manifest, dtype, options, selector) -> int:
+    """The smallest DRAM budget (bytes) that ``flashjax.load`` accepts for this model, compute
+    dtype, engine options and selector: found by bisection over the (monotone) plan."""
+    def fits(budget: int) -> bool:
+        try:
+            choose_resident_dtype(manifest, dtype, budget, options, selector)
+        except ValueError:
+            return False
+        return True
+
+    lo, hi = 0, dense_bytes(manifest, dtype) * 2  # lo never fits, hi does
+    while not fits(hi):
+        hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi

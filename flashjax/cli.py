@@ -217,6 +217,65 @@ def latency_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_info(args) -> int:
+    """Where things are, and what a model needs."""
+    import jax.numpy as jnp
+
+    from flashjax.api import _selector, enable_compilation_cache
+    from flashjax.budget import dense_bytes, minimum_budget
+    from flashjax.engine.options import EngineOptions
+    from flashjax.runtime import default_compute_dtype
+    from flashjax.shipped import cache_root, shipped_checkpoint, _fingerprint
+    from flashjax.store.convert import NP_DTYPES
+    from flashjax.store.manifest import Manifest
+
+    print(f"cache directory      {cache_root()} (FLASHJAX_CACHE)")
+    print(f"compilation cache    {enable_compilation_cache() or 'off'} "
+          f"(FLASHJAX_COMPILATION_CACHE)")
+    try:
+        hf_dir = shipped_checkpoint()
+        converted = cache_root() / f"{hf_dir.name}-{_fingerprint(hf_dir)}"
+        state = "" if converted.exists() else " (converted on first use)"
+        print(f"shipped model        {hf_dir}\n  converted            {converted}{state}")
+    except (FileNotFoundError, ValueError) as e:
+        converted = None
+        print(f"shipped model        not available ({e})")
+    model_dir = Path(args.model_dir) if args.model_dir else converted
+    if model_dir is None or not (model_dir / "manifest.json").exists():
+        return 0
+    manifest = Manifest.read(model_dir)
+    cfg = manifest.config
+    heads = f"{cfg.num_attention_heads} heads"
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        heads += f" ({cfg.num_key_value_heads} key/value)"
+    print(f"model                {model_dir}\n  family               {cfg.model_type}: "
+          f"{cfg.num_hidden_layers} layers, width {cfg.hidden_size}, {heads}, "
+          f"{cfg.ffn_dim} FFN neurons ({'/'.join(cfg.ffn_parts)}, {cfg.activation}), "
+          f"vocabulary {cfg.vocab_size}, {cfg.sequence_limit}")
+    print(f"  store                {manifest.dtype}, format {manifest.format_version}; DRAM part "
+          f"{manifest.dram_bytes / 1e6:.1f} MB, FFN on flash {manifest.ffn_bytes / 1e6:.1f} MB "
+          f"in rows of {manifest.row_bytes} B ({manifest.row_checksum}-checked)")
+    predictors = (model_dir / "predictors").exists()
+    print(f"  predictors           {'trained' if predictors else 'none (the oracle is used)'}")
+    dtype = default_compute_dtype(NP_DTYPES[manifest.dtype])
+    options = EngineOptions(max_context=min(cfg.max_sequence, 256))
+    if predictors:
+        selector = _selector(model_dir, manifest, jnp.dtype(dtype), "lowrank")
+        name = selector.name
+    else:  # the oracle's weights lie outside the budget: the plan is a selector's without any
+        from flashjax.engine.selectors import Hybrid
+
+        selector, name = Hybrid(cfg.ffn_dim), "oracle"
+    dense = dense_bytes(manifest, dtype)
+    low = minimum_budget(manifest, jnp.dtype(dtype), options, selector)
+    print(f"  dense size           {dense:,} bytes in {jnp.dtype(dtype).name} (what budget "
+          f"fractions refer to)")
+    print(f"  minimum budget       {low:,} bytes = {100 * low / dense:.1f}% (predictor "
+          f"{name}, max_context {options.max_context}, max_batch "
+          f"{options.max_batch})")
+    return 0
+
+
 def cmd_export(args) -> int:
     from flashjax.store.export import export_model_dir
 
@@ -433,6 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float16", "float32"),
                    help="storage dtype (default: the model's; bfloat16 is written as float32)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="where the caches and the shipped model are; a model's "
+                                    "shape, sizes and minimum DRAM budget")
+    p.add_argument("model_dir", nargs="?", help="a converted model (default: the shipped one)")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="check a converted model directory's files and checksums")
     p.add_argument("model_dir")

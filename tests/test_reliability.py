@@ -256,3 +256,16 @@ def test_random_damage_is_found_or_harmless(store, tmp_path):
             outcomes["clean"] += 1
         shutil.rmtree(damaged)
     assert outcomes["error"] > 0
+
+
+def test_info_gives_the_minimum_budget_that_loads(store, capsys):
+    """``flashjax info`` names the store's shape and sizes, and a minimum budget that loads
+    while one byte less is refused."""
+    assert main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "opt: 2 layers, width 64" in out and "1024 FFN neurons (fc1/fc2, relu)" in out
+    assert "(crc32c-checked)" in out and "predictors           none" in out
+    low = int(out.split("minimum budget")[1].split("bytes")[0].replace(",", ""))
+    flashjax.load(store, dram_budget=low, predictor="hybrid")
+    with pytest.raises(ValueError, match="below the minimum"):
+        flashjax.load(store, dram_budget=low - 1, predictor="hybrid")

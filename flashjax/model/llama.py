@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flashjax.config import LlamaConfig, rope_frequencies
-from flashjax.model.layers import KVCache, cached_attention, decode_layers
+from flashjax.model.layers import KVCache, cached_attention, decode_layers, lm_logits
 from flashjax.model.sparse import activity_scores, ffn_hidden
 
 
@@ -130,13 +130,7 @@ class Llama(nn.Module):
 
     def head(self, h):
         """h [B, S, D] -> logits [B, S, V] in float32."""
-        h = self.norm(h)
-        if self.cfg.tie_word_embeddings:
-            embedding = self.embed_tokens.embedding  # one contraction, no transposed copy
-            logits = jnp.einsum("bsd,vd->bsv", h.astype(embedding.dtype), embedding)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        return lm_logits(self, self.norm(h))
 
     def __call__(self, tokens, positions, token_valid, cache: KVCache, ffn=None):
         return decode_layers(self, tokens, positions, token_valid, cache, ffn)

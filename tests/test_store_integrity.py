@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -51,13 +52,29 @@ def _write_manifest(model_dir, d) -> None:
 
 
 def _flip_largest(model_dir, group="layer_001") -> Path:
-    """Flip a byte in the middle of the group's largest file: its tensor data."""
-    files = [p for p in (model_dir / "dram" / group).rglob("*") if p.is_file()]
+    """Flip a byte of tensor data in the group's largest file. Orbax writes its arrays
+    concurrently, so where a tensor's bytes lie in the file varies from one conversion to the
+    next, and some bytes (padding, unread metadata) change nothing: try positions from the
+    middle on until restoring the group, unchecked, gives other values."""
+    import orbax.checkpoint as ocp
+
+    path = (model_dir / "dram" / group).absolute()
+    clean = ocp.StandardCheckpointer().restore(path)
+    files = [p for p in path.rglob("*") if p.is_file()]
     big = max(files, key=lambda p: p.stat().st_size)
-    raw = bytearray(big.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    big.write_bytes(bytes(raw))
-    return big
+    original = big.read_bytes()
+    for offset in range(len(original) // 2, len(original), 97):
+        raw = bytearray(original)
+        raw[offset] ^= 0xFF
+        big.write_bytes(bytes(raw))
+        try:
+            damaged = ocp.StandardCheckpointer().restore(path)
+        except Exception:  # a byte orbax itself checks: not the data
+            continue
+        if any(not np.array_equal(a, b, equal_nan=True) for a, b in
+               zip(jax.tree.leaves(clean), jax.tree.leaves(damaged))):
+            return big
+    raise AssertionError(f"no byte of {big} changes a tensor of {group}")
 
 
 # --- DRAM checksums ------------------------------------------------------------------------

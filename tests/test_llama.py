@@ -141,8 +141,8 @@ def test_export_round_trips_through_transformers(llama, variant, tmp_path):
     ids = prompts(96, seed=9)
     assert rel_err(hf_logits(back, ids), hf_logits(ref, ids)) <= 1e-6
     # and back into flashjax: the same store
-    again = flashjax.load(flashjax.convert(out, tmp_path / "fj", progress=False) and
-                          tmp_path / "fj", progress=False)
+    flashjax.convert(out, tmp_path / "fj", progress=False)
+    again = flashjax.load(tmp_path / "fj", progress=False)
     np.testing.assert_array_equal(again.logits(ids), model.logits(ids))
 
 
@@ -160,10 +160,10 @@ def test_drelu_model_dense_and_flash(tmp_path):
     a reference that computes relu(gate) * relu(up), and flash generation equals dense."""
     cfg = tiny_llama_config("mistral", hidden_size=64, intermediate_size=2048)
     ref = _drelu_reference(random_hf_checkpoint(tmp_path / "hf", cfg, seed=11))
-    with pytest.raises(ConfigError, match="'drelu' needs a gated FFN"):
-        from flashjax.testing import tiny_opt_config, synthetic_hf_checkpoint
+    from flashjax.testing import synthetic_hf_checkpoint, tiny_opt_config
 
-        synthetic_hf_checkpoint(tmp_path / "opt", tiny_opt_config())
+    synthetic_hf_checkpoint(tmp_path / "opt", tiny_opt_config())
+    with pytest.raises(ConfigError, match="'drelu' needs a gated FFN"):
         flashjax.convert(tmp_path / "opt", tmp_path / "opt-fj", activation="drelu",
                          progress=False)
     manifest = flashjax.convert(tmp_path / "hf", tmp_path / "fj", activation="drelu",
@@ -172,8 +172,8 @@ def test_drelu_model_dense_and_flash(tmp_path):
     dense = flashjax.load(tmp_path / "fj", progress=False)
     ids = prompts(96, seed=12)
     assert rel_err(dense.logits(ids), hf_logits(ref, ids)) <= 1e-4
-    plain = flashjax.load(flashjax.convert(tmp_path / "hf", tmp_path / "relu", progress=False)
-                          and tmp_path / "relu", progress=False)
+    flashjax.convert(tmp_path / "hf", tmp_path / "relu", progress=False)
+    plain = flashjax.load(tmp_path / "relu", progress=False)
     assert rel_err(plain.logits(ids), dense.logits(ids)) > 1e-2  # the activation matters
     prompt = ids[0, :10].tolist()
     want = dense.generate(prompt, max_new_tokens=16, stop_at_eos=False)
@@ -217,21 +217,13 @@ def test_sliding_window_limits_sequences(tmp_path):
 def test_predictors_train_and_run_on_llama(tmp_path):
     """collect -> train-predictors -> flash generation with the trained predictors, on a
     Llama model with a tokenizer; the activity collected is relu(gate x) > 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from flashjax.predictor.collect import collect, open_arrays
     from flashjax.predictor.train import train_predictors
-    from tests.test_predictor import _text
+    from tests.test_predictor import _text, save_word_tokenizer
 
     cfg = tiny_llama_config(vocab_size=300, hidden_size=64, intermediate_size=2048)
     random_hf_checkpoint(tmp_path / "hf", cfg, seed=15)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_text(200, 0), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    save_word_tokenizer(tmp_path / "hf", ("<pad>", "<s>", "</s>", "<unk>"))  # Llama's ids
     model_dir = tmp_path / "fj"
     flashjax.convert(tmp_path / "hf", model_dir, progress=False)
     text = tmp_path / "train.txt"

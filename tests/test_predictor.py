@@ -30,21 +30,30 @@ def _text(n_docs: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=rng.integers(20, 60))) + "." for _ in range(n_docs)]
 
 
-@pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    """A sparse random OPT with a small byte-level BPE trained on the word list above."""
+OPT_SPECIAL = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0-3, as OPT's config numbers them
+
+
+def save_word_tokenizer(hf_dir, special_tokens=OPT_SPECIAL, n_docs: int = 200) -> None:
+    """A 300-token byte-level BPE trained on the word list above, saved as
+    ``hf_dir/tokenizer.json`` (``special_tokens`` take ids 0, 1, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    root = tmp_path_factory.mktemp("textmodel")
-    cfg = tiny_opt_config(vocab_size=300, hidden_size=64, ffn_dim=512, num_hidden_layers=2)
-    synthetic_hf_checkpoint(root / "hf", cfg, ffn_active=0.06)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_text(200, 0), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+    tok.train_from_iterator(_text(n_docs, 0), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(root / "hf" / "tokenizer.json"))
+    tok.save(str(hf_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """A sparse random OPT with a small byte-level BPE trained on the word list above."""
+    root = tmp_path_factory.mktemp("textmodel")
+    cfg = tiny_opt_config(vocab_size=300, hidden_size=64, ffn_dim=512, num_hidden_layers=2)
+    synthetic_hf_checkpoint(root / "hf", cfg, ffn_active=0.06)
+    save_word_tokenizer(root / "hf")
     flashjax.convert(root / "hf", root / "fj", progress=False)
     (root / "train.txt").write_text("\n\n".join(_text(400, 1)))
     with open(root / "held.jsonl", "w") as f:

@@ -146,21 +146,13 @@ def test_api_slots_never_exceed_max_context(store):
 
 
 def test_training_on_an_incomplete_collection_warns_with_the_counts(tmp_path, caplog):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from flashjax.predictor.collect import META, collect
     from flashjax.predictor.train import train_predictors
-    from tests.test_predictor import _text
+    from tests.test_predictor import _text, save_word_tokenizer
 
     cfg = tiny_opt_config(vocab_size=300, hidden_size=64, ffn_dim=512, num_hidden_layers=2)
     synthetic_hf_checkpoint(tmp_path / "hf", cfg, ffn_active=0.06)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_text(100, 0), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    save_word_tokenizer(tmp_path / "hf", n_docs=100)
     flashjax.convert(tmp_path / "hf", tmp_path / "fj", progress=False)
     (tmp_path / "t.txt").write_text("\n\n".join(_text(200, 1)))
     model = flashjax.load(tmp_path / "fj", progress=False)

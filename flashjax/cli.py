@@ -225,7 +225,7 @@ def cmd_info(args) -> int:
     from flashjax.budget import dense_bytes, minimum_budget
     from flashjax.engine.options import EngineOptions
     from flashjax.runtime import default_compute_dtype
-    from flashjax.shipped import cache_root, shipped_checkpoint, _fingerprint
+    from flashjax.shipped import cache_root, converted_dir, shipped_checkpoint
     from flashjax.store.convert import NP_DTYPES
     from flashjax.store.manifest import Manifest
 
@@ -234,7 +234,7 @@ def cmd_info(args) -> int:
           f"(FLASHJAX_COMPILATION_CACHE)")
     try:
         hf_dir = shipped_checkpoint()
-        converted = cache_root() / f"{hf_dir.name}-{_fingerprint(hf_dir)}"
+        converted = converted_dir(hf_dir)
         state = "" if converted.exists() else " (converted on first use)"
         print(f"shipped model        {hf_dir}\n  converted            {converted}{state}")
     except (FileNotFoundError, ValueError) as e:

@@ -46,10 +46,15 @@ def _fingerprint(hf_dir: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def converted_dir(hf_dir: Path) -> Path:
+    """Where the shipped checkpoint ``hf_dir`` is (or will be) converted."""
+    return cache_root() / f"{hf_dir.name}-{_fingerprint(hf_dir)}"
+
+
 def default_model_dir(progress: bool = True) -> Path:
     """The converted shipped model, converting it on first use."""
     hf_dir = shipped_checkpoint()
-    out = cache_root() / f"{hf_dir.name}-{_fingerprint(hf_dir)}"
+    out = converted_dir(hf_dir)
     if not out.exists():
         if progress:
             print(f"converting the shipped model {hf_dir.name} into {out} (once)",

@@ -513,3 +513,50 @@ def test_trained_predictors_compute_the_same_rows_whatever_the_schedule_and_budg
     ref = runs["sequential"][0]
     for name in ("overlap", "tight", "tight sequential"):
         assert rel_err(runs[name][0], ref) <= 1e-5, name  # float32 summation order only
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_float16_resident_head_equals_dense(tmp_path, family):
+    """Resident weights held in float16 (what a tight budget picks on CPU): the LM head
+    widens its weight a slice at a time (three slices of this vocabulary), and the logits are
+    the dense model's to float32 rounding; tied (OPT) and untied (Llama) heads."""
+    from flashjax.model.layers import HEAD_ROWS
+    from flashjax.testing import tiny_llama_config
+
+    vocab = 3 * HEAD_ROWS
+    cfg = tiny_opt_config(hidden_size=64, ffn_dim=512, num_hidden_layers=2,
+                          vocab_size=vocab) if family == "opt" else \
+        tiny_llama_config(hidden_size=64, intermediate_size=512, num_hidden_layers=2,
+                          vocab_size=vocab, tie_word_embeddings=False)
+    path = synthetic_store(tmp_path, cfg)
+    dense = flashjax.load(path, progress=False)
+    flash = flashjax.load(path, dram_budget=0.6, predictor="oracle", resident_dtype="float16")
+    assert jax.tree.leaves(flash.params)[0].dtype == np.float16
+    ids = flash.generate(PROMPT, 6, stop_at_eos=False)
+    assert ids == dense.generate(PROMPT, 6, stop_at_eos=False)
+    seq = PROMPT + ids
+    assert rel_err(flash.logits(seq), dense.logits(seq)) <= 1e-5
+    # and the head holds no widened copy of its weight while it runs
+    h = jax.numpy.zeros((1, 1, cfg["hidden_size"]), np.float32)
+    kv = flash.init_state(1, 8).kv
+    temp = kernels.head.lower(flash.cfg, flash.params, h, kv).compile().memory_analysis()
+    assert temp.temp_size_in_bytes < vocab * cfg["hidden_size"] * 4 // 2
+
+
+@pytest.mark.parametrize("vocab", [3 * 2048, 50272, 2039])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_widened_head_equals_widening_it_whole(vocab, axis):
+    """Slice by slice (divisors of 6144 and of OPT's 50272; a prime vocabulary is widened
+    whole) gives the contraction with the whole widened weight, for [V, D] and [D, V]."""
+    import jax.numpy as jnp
+
+    from flashjax.model.layers import _widened_head
+
+    rng = np.random.default_rng(vocab)
+    w = jnp.asarray(rng.standard_normal((vocab, 32) if axis == 0 else (32, vocab)), jnp.float16)
+    h = jnp.asarray(rng.standard_normal((2, 3, 32)), jnp.float32)
+    got = np.asarray(jax.jit(_widened_head, static_argnums=2)(h, w, axis))
+    wide = np.asarray(w, np.float32)
+    ref = np.einsum("bsd,vd->bsv", np.asarray(h), wide if axis == 0 else wide.T)
+    assert got.shape == (2, 3, vocab)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)

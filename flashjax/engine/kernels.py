@@ -66,6 +66,9 @@ class RowUpdate:
                    start=packed[3 * size + 1])
 
 
+HEAD_WEIGHTS = ("embed_tokens", "lm_head")  # the parameters the LM head reads
+
+
 def _widen(tree, like):
     return jax.tree.map(lambda x: x.astype(like.dtype), tree)
 
@@ -182,7 +185,8 @@ def finish(cfg: ModelConfig, layer_params, h, ffn_out):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
 def head(cfg: ModelConfig, params, h, kv: KVCache):
-    """-> (logits [B, V] float32, kv with its next slot)."""
-    params = _widen(params, h)
+    """-> (logits [B, V] float32, kv with its next slot). The head weights stay as held:
+    ``lm_logits`` widens them a slice at a time."""
+    params = {k: v if k in HEAD_WEIGHTS else _widen(v, h) for k, v in params.items()}
     logits = decoder.module(cfg).apply({"params": params}, h, method="head")[:, 0]
     return logits, kv.replace(index=kv.index + 1)

@@ -158,7 +158,8 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
              path, budget, resident_dtype, plan.capacity)
     reader = FlashReader(path, manifest, max_rows=plan.update_rows, direct_io=options.direct_io,
                          concurrency=options.reader_threads, verify=options.verify_reads,
-                         bundled=options.bundled, slots=plan.staging_slots,
+                         bundled=options.bundled, unbundled_dir=options.unbundled_dir,
+                         slots=plan.staging_slots,
                          block_slots=plan.block_slots or None,
                          io_uring=options.io_uring)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, selector=selector,

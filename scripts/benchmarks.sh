@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce every figure in docs/BENCHMARKS.md.
 #
-#   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~80 GB free)
+#   bash scripts/benchmarks.sh [WORK_DIR]      (default: data/bench-work; needs ~90 GB free: the checkpoints are kept for the peers)
 #
 # 1. the shipped model under a 50% budget (its cache dir is made on first use);
 # 2. synthetic OPT-1.3B, OPT-6.7B and Llama-2-7B (ReLU, gated FFN) stores (float16, 2.6, 13
@@ -29,8 +29,7 @@ for preset in opt-1.3b opt-6.7b llama-2-7b; do
     dir="$WORK/$preset"
     if [ ! -f "$dir/fj/manifest.json" ]; then
         python scripts/make_random_opt.py "$dir/hf" --preset "$preset" --shard-layers 2
-        flashjax convert "$dir/hf" "$dir/fj"
-        rm -rf "$dir/hf"
+        flashjax convert "$dir/hf" "$dir/fj"  # the checkpoint stays: the peers run on it
     fi
     python scripts/make_activity_trace.py "$SHIPPED" --text "$HELDOUT" --for "$dir/fj" \
         --out "$WORK/trace-$preset.npz" --tokens 256
@@ -56,3 +55,24 @@ python scripts/profile_memory.py "$SHIPPED" > "$OUT/profile_memory-shipped.txt"
 { for n in 1000000 4; do python scripts/reader_overhead.py "$SHIPPED" --rows 24,39,64 --reps 200 --submit-every $n; done
   for n in 1000000 4; do python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 30 --submit-every $n; done
 } > "$OUT/reader_overhead-submit.txt"
+# against the peers, each configuration in its own memory cgroup (needs the peers extra and a
+# writable cgroup tree; tables and plots land in data/peers-*, docs/bench/peers-* hold copies)
+PEERS="--prompt-tokens 2 --tokens 6 --no-device-limit"
+flashjax bench "$WORK/opt-6.7b/fj" --peers "$WORK/opt-6.7b/hf" --trace "$WORK/trace-opt-6.7b.npz" \
+    $PEERS --dram-budget 5.7GB --memory-limit 6.7GB --only naive,predictor+window,mmap \
+    --json data/peers-6.7b.json --plots data/peers-6.7b
+flashjax bench "$WORK/opt-6.7b/fj" --peers "$WORK/opt-6.7b/hf" --trace "$WORK/trace-opt-6.7b.npz" \
+    $PEERS --dram-budget 5.7GB --memory-limit 6.7GB --only naive,accelerate-offload \
+    --json data/peers-6.7b-accelerate.json --plots data/peers-6.7b-accelerate
+for only in naive,predictor+window,mmap naive,accelerate-offload; do
+    flashjax bench "$WORK/llama-2-7b/fj" --peers "$WORK/llama-2-7b/hf" \
+        --trace "$WORK/trace-llama-2-7b.npz" $PEERS --dram-budget 5.85GB --memory-limit 6.74GB \
+        --only "$only" --json "data/peers-llama-$only.json" --plots "data/peers-llama-$only"
+done
+for run in "1.4GB 2.4GB" "50% auto"; do
+    set -- $run
+    flashjax bench "$WORK/opt-1.3b/fj" --peers "$WORK/opt-1.3b/hf" --trace "$WORK/trace-opt-1.3b.npz" \
+        $PEERS --dram-budget "$1" --memory-limit "$2" \
+        --only naive,predictor+window,accelerate-offload,mmap \
+        --json "data/peers-1.3b-$2.json" --plots "data/peers-1.3b-$2"
+done

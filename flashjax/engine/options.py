@@ -18,6 +18,7 @@ class EngineOptions:
     max_batch: int = 1  # sequences per batch reserved in the budget
     verify_reads: bool = True  # crc32-check every row read (cost: docs/BENCHMARKS.md)
     bundled: bool = True  # False: read each part from the unbundled copy (benchmarks)
+    unbundled_dir: str | None = None  # where that copy lies (None: in the model directory)
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
     overlap: bool = True  # buffer updates and FFN work run while the next rows are read
     io_uring: bool | None = None  # row sets read through io_uring (None: where it can be)

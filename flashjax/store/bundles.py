@@ -152,26 +152,31 @@ def check_rows(rows: np.ndarray, ids: np.ndarray, expected: Checksums, *, where:
                          f"reconvert the model")
 
 
-def write_split(model_dir: Path) -> None:
+def write_split(model_dir: Path, out_dir: Path | None = None, progress: bool = False) -> Path:
     """Write the FFN a second time unbundled, each part's rows (up-projection columns,
     down-projection rows, ...) in its own array (one row per chunk, one shard per layer),
-    unless already there: the layout that row-column bundling is measured against."""
+    under ``out_dir`` (default: the model dir) unless already there: the layout that
+    row-column bundling is measured against. Returns ``out_dir``."""
+    from tqdm.auto import tqdm
+
     from flashjax.store.manifest import Manifest
 
     model_dir = Path(model_dir)
-    if (model_dir / SPLIT_DIR / "complete").exists():
-        return
-    n_parts = len(Manifest.read(model_dir).config.ffn_parts)
+    out_dir = model_dir if out_dir is None else Path(out_dir)
+    if (out_dir / SPLIT_DIR / "complete").exists():
+        return out_dir
+    cfg = Manifest.read(model_dir).config
+    n_parts = len(cfg.ffn_parts)
     context = write_context()
-    layer = 0
-    while (model_dir / FFN_DIR / layer_key(layer)).exists():
+    for layer in tqdm(range(cfg.num_hidden_layers), desc="unbundled copy", unit="layer",
+                      disable=not progress):
         rows = read_layer(model_dir, layer)
         d = rows.shape[1] // n_parts
         for i, array in enumerate(split_arrays(layer, n_parts)):
-            create_layer(model_dir, layer, np.ascontiguousarray(rows[:, i * d:(i + 1) * d]),
+            create_layer(out_dir, layer, np.ascontiguousarray(rows[:, i * d:(i + 1) * d]),
                          context, array)
-        layer += 1
-    (model_dir / SPLIT_DIR / "complete").touch()
+    (out_dir / SPLIT_DIR / "complete").touch()
+    return out_dir
 
 
 def read_layer(model_dir: Path, layer: int, checksums: np.ndarray | None = None,

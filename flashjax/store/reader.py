@@ -136,10 +136,12 @@ class FlashReader:
 
     def __init__(self, model_dir: str | Path, manifest: Manifest, max_rows: int, *,
                  direct_io: bool = True, concurrency: int = 32, verify: bool = False,
-                 bundled: bool = True, slots: int = 1, io_uring: bool | None = None,
-                 block_slots: int | None = None):
+                 bundled: bool = True, unbundled_dir: str | Path | None = None, slots: int = 1,
+                 io_uring: bool | None = None, block_slots: int | None = None):
         cfg = manifest.config
         self.model_dir = Path(model_dir)
+        # the unbundled copy (bundles.write_split): in the model dir unless written elsewhere
+        self.split_root = Path(unbundled_dir) if unbundled_dir is not None else self.model_dir
         self.row_bytes = manifest.row_bytes
         self.direct_io = direct_io
         self.verify = verify
@@ -213,7 +215,7 @@ class FlashReader:
         return self._uring is not None
 
     def _open(self, layer: int, array: str | None = None) -> ts.TensorStore:
-        spec = {**bundles.array_spec(self.model_dir, layer, array),
+        spec = {**bundles.array_spec(self._root(array), layer, array),
                 "metadata_cache_pool": "cache_pool#meta",
                 "recheck_cached_data": "open"}
         try:
@@ -269,7 +271,7 @@ class FlashReader:
             sources = []
             for array, size, dest in arrays:
                 offsets = (self._row_offsets(layer) if self.bundled
-                           else shard_row_offsets(self.model_dir / array, n, size))
+                           else shard_row_offsets(self._root(array) / array, n, size))
                 if offsets is None:
                     sources = None
                     break
@@ -290,8 +292,14 @@ class FlashReader:
             rel = f"{bundles.FFN_DIR}/{bundles.layer_key(array)}" if isinstance(array, int) \
                 else array
             flags = os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0)
-            self._fds[array] = os.open(self.model_dir / rel / "c" / "0" / "0", flags)
+            self._fds[array] = os.open(self._root(array) / rel / "c" / "0" / "0", flags)
         return self._fds[array]
+
+    def _root(self, array: int | str | None) -> Path:
+        """The directory an array path is relative to: the unbundled copy's parts lie under
+        ``split_root``, everything else under the model dir."""
+        return self.split_root if isinstance(array, str) and array.startswith(
+            bundles.SPLIT_DIR) else self.model_dir
 
     def close(self) -> None:
         if self._uring is not None:

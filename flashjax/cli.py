@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -61,6 +62,28 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _size(text: str) -> int:
+    """Bytes: an integer or a size with a unit ("6GB", "512MiB")."""
+    from flashjax.budget import MIN_BYTES, parse_budget
+
+    if text.strip().endswith("%"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give bytes or a size such as 6GB")
+    try:
+        try:  # 6700000000, 6.7e9
+            value = int(float(text)) if float(text) >= MIN_BYTES else parse_budget(text, 1)
+        except ValueError:
+            value = parse_budget(text, 1)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < MIN_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least {MIN_BYTES} bytes")
+    return value
+
+
+def _memory_limit(text: str):
+    return "auto" if text.strip().lower() == "auto" else _size(text)
+
+
 def _windows(text: str) -> list[int]:
     ks = _parse_ids(text)
     if min(ks) < 1:
@@ -84,18 +107,43 @@ def _predictor(text: str):
     return None if text in ("none", "None") else text
 
 
+def _use_shipped_model(args, progress: bool) -> None:
+    """No MODEL_DIR: the shipped model, flash-backed (lowrank) at half its DRAM size, sampled
+    unless a temperature is given (a 7M-parameter model loops when greedy)."""
+    from flashjax.shipped import default_model_dir
+
+    args.model_dir = str(default_model_dir(progress=progress))
+    args.dram_budget = args.dram_budget or "50%"
+    if getattr(args, "temperature", 0) is None:
+        args.temperature, args.top_p = 0.8, 0.9 if args.top_p is None else args.top_p
+
+
+def _is_flash(args) -> bool:
+    return args.dram_budget is not None or args.predictor is not None
+
+
+def _load_kwargs(args, max_context: int) -> dict:
+    """``flashjax.load``'s keyword arguments from the model-loading options: flash-backed when
+    --dram-budget or --predictor is given, its KV cache reserved for ``max_context`` tokens."""
+    if not _is_flash(args):
+        if args.no_verify_reads:
+            raise UsageError("--no-verify-reads is for flash mode: give --dram-budget too")
+        return {}
+    kw = dict(dram_budget=args.dram_budget or 1.0, window=args.window,
+              direct_io=not args.page_cache, verify_reads=not args.no_verify_reads,
+              max_context=max_context)
+    if args.predictor is not None:
+        kw["predictor"] = _predictor(args.predictor)
+    return kw
+
+
 def cmd_generate(args) -> int:
     import flashjax
 
     if args.model_dir is None:  # the shipped model: flash-backed, lowrank, half the DRAM
-        from flashjax.shipped import default_model_dir
-
-        args.model_dir = str(default_model_dir(progress=not args.json))
-        args.dram_budget = args.dram_budget or "50%"
+        _use_shipped_model(args, progress=not args.json)
         if args.prompt is None and args.prompt_ids is None:
             args.prompt = "The Python interpreter"
-        if args.temperature is None:  # a 7M-parameter model loops when greedy: sample
-            args.temperature, args.top_p = 0.8, 0.9 if args.top_p is None else args.top_p
     if args.prompt is None and args.prompt_ids is None:
         raise UsageError("give --prompt or --prompt-ids")
     # everything that can be checked without the weights, before the (long) load
@@ -119,20 +167,14 @@ def cmd_generate(args) -> int:
     if need > cfg.max_sequence:
         raise UsageError(f"the prompt's {len(prompt)} tokens + --max-new-tokens "
                          f"{args.max_new_tokens} exceed the model's {cfg.sequence_limit}")
-    flash = args.dram_budget is not None or args.predictor is not None
-    kw = {}
-    if flash:
-        if args.max_context is not None and args.max_context < need - 1:
-            raise UsageError(f"--max-context {args.max_context} is less than the prompt's "
-                             f"{len(prompt)} tokens + --max-new-tokens {args.max_new_tokens} - 1")
-        kw = dict(dram_budget=args.dram_budget or 1.0, window=args.window,
-                  direct_io=not args.page_cache, verify_reads=not args.no_verify_reads,
-                  max_context=args.max_context or need - 1)
-        if args.predictor is not None:
-            kw["predictor"] = _predictor(args.predictor)
-    elif args.max_context is not None or args.no_verify_reads:
+    flash = _is_flash(args)
+    if flash and args.max_context is not None and args.max_context < need - 1:
+        raise UsageError(f"--max-context {args.max_context} is less than the prompt's "
+                         f"{len(prompt)} tokens + --max-new-tokens {args.max_new_tokens} - 1")
+    if not flash and (args.max_context is not None or args.no_verify_reads):
         raise UsageError("--max-context and --no-verify-reads are for flash mode: "
                          "give --dram-budget too")
+    kw = _load_kwargs(args, args.max_context or need - 1)
     model = flashjax.load(args.model_dir, progress=not args.json, **kw)
     printer = None if args.json else _TokenPrinter(model, args.prompt)
     t0 = time.perf_counter()
@@ -156,6 +198,62 @@ def cmd_generate(args) -> int:
     print(f"[{len(new)} tokens in {seconds:.2f} s{sampled}]", file=sys.stderr)
     if stats is not None:
         print(latency_table(stats), file=sys.stderr)
+    return 0
+
+
+def _load_for_turns(args, command: str):
+    """``chat``'s and ``serve``'s model: MODEL_DIR (default: the shipped one), with its
+    tokenizer, the KV cache sized for --max-context tokens (default: the model's limit).
+    Returns (model, the name it goes by)."""
+    import flashjax
+    from flashjax.store.manifest import Manifest
+
+    name = None
+    if args.model_dir is None:
+        from flashjax.shipped import shipped_checkpoint
+
+        name = shipped_checkpoint().name
+        _use_shipped_model(args, progress=True)
+    manifest = Manifest.read(args.model_dir)
+    cfg = manifest.config
+    if manifest.tokenizer is None:
+        raise UsageError(f"{args.model_dir} has no tokenizer; {command} needs one")
+    if args.max_context is not None and args.max_context > cfg.max_sequence:
+        raise UsageError(f"--max-context {args.max_context} exceeds the model's "
+                         f"{cfg.sequence_limit}")
+    kw = _load_kwargs(args, args.max_context or cfg.max_sequence)
+    print(f"loading {args.model_dir}" + (f" (flash-backed, DRAM budget {kw['dram_budget']})"
+                                         if kw else ""), file=sys.stderr)
+    model = flashjax.load(args.model_dir, **kw)
+    return model, name or Path(args.model_dir).name
+
+
+def cmd_chat(args) -> int:
+    from flashjax.chat import ChatFormat, chat_loop
+
+    model, _ = _load_for_turns(args, "chat")
+    fmt = ChatFormat.from_model_dir(args.model_dir)
+    with model.conversation(max_context=args.max_context) as conversation:
+        return chat_loop(model, conversation, fmt, max_new_tokens=args.max_new_tokens,
+                         system=args.system, temperature=args.temperature or 0.0,
+                         top_k=args.top_k, top_p=1.0 if args.top_p is None else args.top_p,
+                         seed=args.seed)
+
+
+def cmd_serve(args) -> int:
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serve needs {' and '.join(missing)}: pip install 'flashjax[serve]'")
+    from flashjax.serve import serve
+
+    model, name = _load_for_turns(args, "serve")
+    name = args.model_name or name
+    print(f"serving {args.model_dir} as {name!r} on http://{args.host}:{args.port}/v1 "
+          f"(requests one at a time)", file=sys.stderr)
+    serve(model, name=name, host=args.host, port=args.port, max_context=args.max_context,
+          log_level=args.log_level)
     return 0
 
 
@@ -343,19 +441,34 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from flashjax.bench.run import bench, format_table, markdown_table, plot, save_json
+    from flashjax.bench.run import (bench, format_table, markdown_limited, markdown_table,
+                                    plot, save_json)
 
+    if args.peers is not None and not (Path(args.peers) / "config.json").is_file():
+        raise UsageError(f"--peers {args.peers}: not a Hugging Face checkpoint directory (no "
+                         f"config.json)")
+    if args.peers is not None:
+        missing = [m for m in ("torch", "transformers", "accelerate")
+                   if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UsageError(f"--peers needs {', '.join(missing)}: pip install "
+                             f"'flashjax[peers]'")
     result = bench(args.model_dir, dram_budget=args.dram_budget, tokens=args.tokens,
                    window=args.window, device=not args.no_device_limit,
                    windows=args.windows, trace=args.trace, prompt_tokens=args.prompt_tokens,
-                   device_seconds=args.device_seconds)
+                   device_seconds=args.device_seconds, peers=args.peers,
+                   memory_limit=args.memory_limit, runtime_allowance=args.runtime_allowance,
+                   keep_unbundled=args.keep_unbundled, only=args.only)
     print(format_table(result))
     if args.json:
         save_json(result, args.json)
     if args.plots:
         table = Path(args.plots) / "table.md"
         paths = plot(result, args.plots)
-        table.write_text(markdown_table(result))
+        text = markdown_table(result)
+        if any("process" in r for r in result["configs"].values()):
+            text += "\n" + markdown_limited(result)
+        table.write_text(text)
         for path in [*paths, table]:
             print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -377,6 +490,31 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         if not _shown_default(action) or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def _add_sampling_options(p) -> None:
+    p.add_argument("--temperature", type=_number(float, 0),
+                   help="0: greedy (the default, but for the shipped model: 0.8 with top-p 0.9)")
+    p.add_argument("--top-k", type=_number(int, 0), default=0)
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True))
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_load_options(p, max_context_help: str) -> None:
+    """How the model is loaded: dense, or flash-backed within a DRAM budget."""
+    p.add_argument("--dram-budget", type=_budget,
+                   help="keep the FFN on flash within this DRAM budget: bytes (>= 1024), '6GB', "
+                   "'512MiB', a fraction (0.5) or '50%%' of the dense size")
+    p.add_argument("--predictor", choices=("oracle", "lowrank", "hybrid", "naive", "none"),
+                   help="which neurons each token reads (implies flash mode; default: lowrank "
+                   "when the model has predictors, else oracle)")
+    p.add_argument("--window", type=_POSITIVE, default=4,
+                   help="keep neurons of the last k tokens")
+    p.add_argument("--max-context", type=_POSITIVE, help=max_context_help)
+    p.add_argument("--page-cache", action="store_true",
+                   help="let the OS page cache serve flash reads (default: O_DIRECT)")
+    p.add_argument("--no-verify-reads", action="store_true",
+                   help="skip the crc32 check of every row read from flash")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,28 +546,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt text (needs a tokenizer in the model dir)")
     src.add_argument("--prompt-ids", type=_parse_ids, help="comma-separated token ids")
     p.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
-    p.add_argument("--temperature", type=_number(float, 0),
-                   help="0: greedy (the default, but for the shipped model: 0.8 with top-p 0.9)")
-    p.add_argument("--top-k", type=_number(int, 0), default=0)
-    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True))
-    p.add_argument("--seed", type=int, default=0)
+    _add_sampling_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--dram-budget", type=_budget,
-                   help="keep the FFN on flash within this DRAM budget: bytes (>= 1024), '6GB', "
-                   "'512MiB', a fraction (0.5) or '50%%' of the dense size")
-    p.add_argument("--predictor", choices=("oracle", "lowrank", "hybrid", "naive", "none"),
-                   help="which neurons each token reads (implies flash mode; default: lowrank "
-                   "when the model has predictors, else oracle)")
-    p.add_argument("--window", type=_POSITIVE, default=4,
-                   help="keep neurons of the last k tokens")
-    p.add_argument("--max-context", type=_POSITIVE,
-                   help="KV-cache slots reserved in the budget (default: the prompt plus "
-                        "--max-new-tokens)")
-    p.add_argument("--page-cache", action="store_true",
-                   help="let the OS page cache serve flash reads (default: O_DIRECT)")
-    p.add_argument("--no-verify-reads", action="store_true",
-                   help="skip the crc32 check of every row read from flash")
+    _add_load_options(p, "KV-cache slots reserved in the budget (default: the prompt plus "
+                         "--max-new-tokens)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive conversation; the KV cache (and the "
+                                    "flash model's neuron buffers) kept between turns")
+    p.add_argument("model_dir", nargs="?",
+                   help="a converted model with a tokenizer (default: the shipped model, "
+                        "flash-backed at 50%%)")
+    p.add_argument("--max-new-tokens", type=_POSITIVE, default=256, help="per reply")
+    _add_sampling_options(p)
+    p.add_argument("--system", type=_utf8, help="a system message to start with")
+    _add_load_options(p, "the most tokens the conversation holds (default: the model's "
+                         "limit); a flash model's KV cache is reserved for them")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
+                                     "/v1/chat/completions); needs the serve extra")
+    p.add_argument("model_dir", nargs="?",
+                   help="a converted model with a tokenizer (default: the shipped model, "
+                        "flash-backed at 50%%)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000)
+    p.add_argument("--model-name", help="the name /v1/models gives (default: the model "
+                                        "directory's); requests may name any model")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"),
+                   default="info", help="uvicorn's log level")
+    _add_load_options(p, "the most tokens a request's prompt and max_tokens may take "
+                         "(default: the model's limit); a flash model's KV cache is reserved "
+                         "for them")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("collect", help="record FFN inputs and neuron activity on text")
     p.add_argument("model_dir")
@@ -483,6 +632,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "trace (synthetic stores; see scripts/make_activity_trace.py)")
     p.add_argument("--prompt-tokens", type=_POSITIVE, default=None,
                    help="prompt length in tokens (default: a fixed text, or 10 ids)")
+    p.add_argument("--peers", metavar="HF_DIR",
+                   help="also run transformers + accelerate disk offload and memory-mapped "
+                   "weights on this Hugging Face checkpoint (the one MODEL_DIR was converted "
+                   "from), and check every configuration's tokens against the dense model's "
+                   "(needs the peers extra)")
+    p.add_argument("--memory-limit", type=_memory_limit, default=None, metavar="BYTES|auto",
+                   help="run every configuration in its own process inside a memory cgroup of "
+                   "this size (RSS and page cache together; auto: the DRAM budget plus "
+                   "--runtime-allowance), the files' pages evicted before each run")
+    p.add_argument("--runtime-allowance", type=_size, default=1 << 30, metavar="BYTES",
+                   help="what --memory-limit auto adds to the budget for the runtime "
+                   "(Python, XLA, libraries)")
+    p.add_argument("--keep-unbundled", action="store_true",
+                   help="write the unbundled FFN copy into MODEL_DIR and keep it for later "
+                   "runs (default: a temporary copy beside it, removed at the end)")
+    p.add_argument("--only", type=lambda t: [n.strip() for n in t.split(",") if n.strip()],
+                   help="run only these configurations (comma-separated names, peers "
+                   "included; naive always runs)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="write a converted model back as a Hugging Face "

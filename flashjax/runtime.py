@@ -153,7 +153,7 @@ class Model:
         steps = self._steps(batch, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
         while True:
             try:
-                host_ids, live = next(steps)
+                host_ids, live, _ = next(steps)
             except StopIteration as stop:
                 cache = stop.value
                 break
@@ -179,27 +179,44 @@ class Model:
         options.update(sampling_options)
         steps = self._steps(batch, max_new_tokens, options["temperature"], options["top_k"],
                             options["top_p"], options["seed"], options["stop_at_eos"])
-        while True:
-            try:
-                host_ids, _ = next(steps)
-            except StopIteration as stop:
-                self._finish(stop.value)
-                return
-            yield int(host_ids[0])
+        state = None
+        try:
+            for host_ids, _, state in steps:
+                yield int(host_ids[0])
+        finally:  # also when the caller stops early: the last state yielded is intact
+            if state is not None:
+                self._finish(state)
 
     def _finish(self, state) -> None:
         """A generation ended with ``state`` (a subclass may reuse its memory)."""
 
-    def _steps(self, batch, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
-        """The generation loop as a generator: yields each step's chosen ids [B] (numpy) and
-        the mask of the sequences that take them (not stopped before); returns the state it
-        ended with."""
-        self._check_ids(batch)
+    def _rewind(self, state, length: int):
+        """``state`` holding only its first ``length`` tokens: the KV cache's next slot moves
+        back (slots past it are masked until written again)."""
+        return state.replace(index=jnp.asarray(length, jnp.int32))
+
+    def conversation(self, max_context: int | None = None):
+        """A ``flashjax.conversation.Conversation``: a token sequence continued turn by turn
+        over one kept state (KV cache, and for a flash-backed model its neuron buffers), each
+        turn prefilling only the tokens it adds. ``max_context``: the most tokens it may hold
+        (default: the model's limit, or a flash model's ``max_context``)."""
+        from flashjax.conversation import Conversation
+
+        return Conversation(self, max_context)
+
+    @staticmethod
+    def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
                              f"{temperature}, {top_k}, {top_p}")
+
+    def _steps(self, batch, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+        """The generation loop as a generator over prompts: prefills them, then as
+        ``_sample``."""
+        self._check_ids(batch)
+        self._check_sampling(max_new_tokens, temperature, top_k, top_p)
         lengths = np.array([len(s) for s in batch], np.int32)
         limit = self.cfg.max_sequence
         if lengths.max() + max_new_tokens > limit:
@@ -216,9 +233,18 @@ class Model:
         cache = self.init_state(b, self._slots(width + max_new_tokens - 1))
         logits, cache = self._prefill(jnp.asarray(tokens), jnp.asarray(positions),
                                       jnp.asarray(valid), cache)
-        last = logits[:, -1]
+        return (yield from self._sample(logits[:, -1], cache, lengths, max_new_tokens,
+                                        temperature, top_k, top_p, seed, stop_at_eos))
+
+    def _sample(self, last, state, positions, max_new_tokens, temperature, top_k, top_p, seed,
+                stop_at_eos):
+        """Choose tokens from ``last`` [B, V], the logits after ``state``, feeding each back
+        at ``positions`` [B] (then + 1, ...). Yields each step's chosen ids [B] (numpy), the
+        mask of the sequences that take them (not stopped before) and the state holding every
+        token before them (valid until the generator is advanced: the next step donates it);
+        returns the state it ended with (the last one yielded)."""
         key = jax.random.key(seed)
-        done = np.zeros(b, bool)
+        done = np.zeros(len(positions), bool)
         for step in range(max_new_tokens):
             if temperature > 0:
                 key, sub = jax.random.split(key)
@@ -226,12 +252,12 @@ class Model:
             else:
                 next_ids = sampling.greedy(last)
             host_ids = np.asarray(next_ids)
-            yield host_ids, ~done
+            yield host_ids, ~done, state
             done |= stop_at_eos & (host_ids == self.cfg.eos_token_id)
             if done.all() or step == max_new_tokens - 1:
                 break
-            last, cache = self._decode(next_ids, jnp.asarray(lengths + step), cache)
-        return cache
+            last, state = self._decode(next_ids, jnp.asarray(positions + step), state)
+        return state
 
     # -- text ----------------------------------------------------------------------------------
     def _need_tokenizer(self):

@@ -1,8 +1,10 @@
-"""The model that ships in the repository's ``checkpoints/`` directory.
+"""The shipped model: a small OPT with its tokenizer and trained predictors.
 
-It is stored once, in Hugging Face format with its tokenizer and trained predictors; the
-flash store is made from it on first use in a cache directory (``$FLASHJAX_CACHE``, default
-``~/.cache/flashjax``) and reused afterwards.
+The repository holds it once, in Hugging Face format, in ``checkpoints/``; a built wheel (and
+so a non-editable ``pip install .``) carries a copy as package data in ``flashjax/_shipped/``
+(``setup.py`` puts it there), an editable install finds ``checkpoints/`` next to the source.
+The flash store is made from it on first use in a cache directory (``$FLASHJAX_CACHE``,
+default ``~/.cache/flashjax``) and reused afterwards.
 """
 
 from __future__ import annotations
@@ -14,17 +16,20 @@ from pathlib import Path
 
 import flashjax
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+PACKAGED = Path(__file__).resolve().parent / "_shipped"  # in an installed wheel
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # in a source tree
 
 
 def shipped_checkpoint() -> Path:
-    """The shipped Hugging Face checkpoint directory."""
-    found = sorted(p.parent for p in CHECKPOINTS.glob("*/config.json"))
-    if not found:
-        raise FileNotFoundError(f"no shipped model under {CHECKPOINTS} (flashjax must be "
-                                f"installed from a clone with `pip install -e .`); pass a "
-                                f"MODEL_DIR instead")
-    return found[0]
+    """The shipped Hugging Face checkpoint directory: the installed package's copy, else the
+    one in the source tree's ``checkpoints/``."""
+    for root in (PACKAGED, CHECKPOINTS):
+        found = sorted(p.parent for p in root.glob("*/config.json"))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no shipped model in {PACKAGED} (an installed wheel's) nor in "
+                            f"{CHECKPOINTS} (a source tree's); install flashjax from a wheel "
+                            f"or a clone (`pip install .`), or pass a MODEL_DIR")
 
 
 def cache_root() -> Path:

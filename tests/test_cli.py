@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 import flashjax
 from flashjax.cli import main
@@ -58,6 +61,7 @@ def test_generate_without_model_uses_the_shipped_one(tmp_path, monkeypatch, caps
 
     hf = tmp_path / "checkpoints" / "tiny"
     synthetic_hf_checkpoint(hf, tiny_opt_config(ffn_dim=1024), ffn_active=0.05)
+    monkeypatch.setattr(shipped, "PACKAGED", tmp_path / "no_package_data")
     monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path / "checkpoints")
     monkeypatch.setenv("FLASHJAX_CACHE", str(tmp_path / "cache"))
     assert main(["generate", "--prompt-ids", "2,5,6", "--max-new-tokens", "4", "--json"]) == 0
@@ -68,3 +72,29 @@ def test_generate_without_model_uses_the_shipped_one(tmp_path, monkeypatch, caps
     assert main(["generate", "--prompt-ids", "2,5,6", "--max-new-tokens", "4"]) == 0
     assert (converted / "manifest.json").stat().st_mtime == mtime  # reused, not reconverted
     assert "per token (median)" in capsys.readouterr().err
+
+
+def test_shipped_model_from_the_source_tree_or_the_package(tmp_path, monkeypatch, capsys):
+    """From a source tree (an editable install) the shipped model is checkpoints/'s; an
+    installed wheel's package data comes first (tests/test_wheel.py installs one); with
+    neither, the error names both places."""
+    from flashjax import shipped
+
+    repo_copy = Path(__file__).resolve().parent.parent / "checkpoints" / "flashjax-docs-9m"
+    monkeypatch.setenv("FLASHJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLASHJAX_COMPILATION_CACHE", "0")  # info would turn it on
+    assert shipped.shipped_checkpoint() == repo_copy
+    assert main(["info"]) == 0
+    converted = shipped.converted_dir(repo_copy)
+    assert (f"shipped model        {repo_copy}\n  converted            {converted} "
+            f"(converted on first use)") in capsys.readouterr().out
+    packaged = tmp_path / "_shipped"
+    synthetic_hf_checkpoint(packaged / "tiny", tiny_opt_config())
+    monkeypatch.setattr(shipped, "PACKAGED", packaged)
+    assert shipped.shipped_checkpoint() == packaged / "tiny"
+    monkeypatch.setattr(shipped, "PACKAGED", tmp_path / "none")
+    monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path / "none either")
+    with pytest.raises(FileNotFoundError, match="none.*none either"):
+        shipped.shipped_checkpoint()
+    assert main(["info"]) == 0
+    assert "shipped model        not available (no shipped model in" in capsys.readouterr().out

@@ -164,6 +164,10 @@ class FlashModel(Model):
     def _decode(self, tokens, positions, state: FlashState):
         return self.decode_step(state, tokens, positions)
 
+    def _rewind(self, state: FlashState, length: int) -> FlashState:
+        # the resident rows stay: which neurons are resident never changes what is computed
+        return state.replace(kv=super()._rewind(state.kv, length))
+
     def generate(self, prompt_ids, max_new_tokens: int = 32, *, return_stats: bool = False,
                  return_state: bool = False, **kw):
         """As ``Model.generate``; with ``return_stats`` also the stats (see README), with

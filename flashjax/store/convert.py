@@ -36,7 +36,7 @@ from flashjax.store.manifest import DRAM_DIR, DTYPES, Manifest, dram_groups, ten
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json")
+                   "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
 PREDICTORS = "predictors"
 NP_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float32": np.dtype(np.float32)}

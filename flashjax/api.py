@@ -145,6 +145,10 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
         raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; expected one of "
                         f"{', '.join(option_names())}")
     cfg = manifest.config
+    if cfg.activation == "silu" and cfg.activation_thresholds is None:
+        log.warning("%s: a SwiGLU model without calibrated thresholds: every neuron fires every "
+                    "token, so every FFN row is read for every token. `flashjax calibrate` "
+                    "makes it sparse (an approximation), scripts/relufy.py a ReLU model", path)
     options = EngineOptions(**engine_options)
     if options.max_context is None:
         options = dataclasses.replace(options,

@@ -110,9 +110,9 @@ def _predictor(text: str):
 def _use_shipped_model(args, progress: bool) -> None:
     """No MODEL_DIR: the shipped model, flash-backed (lowrank) at half its DRAM size, sampled
     unless a temperature is given (a 7M-parameter model loops when greedy)."""
-    from flashjax.shipped import default_model_dir
+    from flashjax.shipped import DEFAULT, default_model_dir
 
-    args.model_dir = str(default_model_dir(progress=progress))
+    args.model_dir = str(default_model_dir(progress=progress, name=args.model or DEFAULT))
     args.dram_budget = args.dram_budget or "50%"
     if getattr(args, "temperature", 0) is None:
         args.temperature, args.top_p = 0.8, 0.9 if args.top_p is None else args.top_p
@@ -212,7 +212,7 @@ def _load_for_turns(args, command: str):
     if args.model_dir is None:
         from flashjax.shipped import shipped_checkpoint
 
-        name = shipped_checkpoint().name
+        name = shipped_checkpoint(args.model or "opt").name
         _use_shipped_model(args, progress=True)
     manifest = Manifest.read(args.model_dir)
     cfg = manifest.config
@@ -323,21 +323,25 @@ def cmd_info(args) -> int:
     from flashjax.budget import dense_bytes, minimum_budget
     from flashjax.engine.options import EngineOptions
     from flashjax.runtime import default_compute_dtype
-    from flashjax.shipped import cache_root, converted_dir, shipped_checkpoint
+    from flashjax.shipped import DEFAULT, SHIPPED, cache_root, converted_dir, shipped_checkpoint
     from flashjax.store.convert import NP_DTYPES
     from flashjax.store.manifest import Manifest
 
     print(f"cache directory      {cache_root()} (FLASHJAX_CACHE)")
     print(f"compilation cache    {enable_compilation_cache() or 'off'} "
           f"(FLASHJAX_COMPILATION_CACHE)")
-    try:
-        hf_dir = shipped_checkpoint()
-        converted = converted_dir(hf_dir)
-        state = "" if converted.exists() else " (converted on first use)"
-        print(f"shipped model        {hf_dir}\n  converted            {converted}{state}")
-    except (FileNotFoundError, ValueError) as e:
-        converted = None
-        print(f"shipped model        not available ({e})")
+    converted = None
+    for name in SHIPPED:
+        label = f"shipped model {name}".ljust(20) if name != DEFAULT else "shipped model".ljust(20)
+        try:
+            hf_dir = shipped_checkpoint(name)
+            converted_here = converted_dir(hf_dir)
+            state = "" if converted_here.exists() else " (converted on first use)"
+            print(f"{label} {hf_dir}\n  converted            {converted_here}{state}")
+            if name == DEFAULT:
+                converted = converted_here
+        except (FileNotFoundError, ValueError) as e:
+            print(f"{label} not available ({e})")
     model_dir = Path(args.model_dir) if args.model_dir else converted
     if model_dir is None or not (model_dir / "manifest.json").exists():
         return 0
@@ -353,6 +357,17 @@ def cmd_info(args) -> int:
     print(f"  store                {manifest.dtype}, format {manifest.format_version}; DRAM part "
           f"{manifest.dram_bytes / 1e6:.1f} MB, FFN on flash {manifest.ffn_bytes / 1e6:.1f} MB "
           f"in rows of {manifest.row_bytes} B ({manifest.row_checksum}-checked)")
+    if cfg.activation == "silu":
+        calibration = model_dir / "calibration.json"
+        if cfg.activation_thresholds is None:
+            state = "none: every neuron fires (run `flashjax calibrate`)"
+        elif calibration.exists():
+            record = json.loads(calibration.read_text())
+            state = (f"calibrated for {100 * record['sparsity']:.0f}% of neurons skipped "
+                     f"({100 * record['measured_mean']:.1f}% on its calibration text)")
+        else:
+            state = "set in the config"
+        print(f"  activation sparsity  {state}")
     predictors = (model_dir / "predictors").exists()
     print(f"  predictors           {'trained' if predictors else 'none (the oracle is used)'}")
     dtype = default_compute_dtype(NP_DTYPES[manifest.dtype])
@@ -400,6 +415,19 @@ def cmd_collect(args) -> int:
                    batch=args.batch)
     print(f"{args.out}: {meta['tokens_written']} tokens x {meta['n_layers']} layers",
           file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from flashjax.predictor.calibrate import calibrate
+
+    record = calibrate(args.model_dir, args.text, sparsity=args.sparsity, tokens=args.tokens,
+                       seq_len=args.seq_len, batch=args.batch, passes=args.passes,
+                       force=args.force)
+    per_layer = ", ".join(f"{100 * m:.1f}" for m in record["measured_sparsity"])
+    print(f"{args.model_dir}: skips {100 * record['measured_mean']:.1f}% of FFN neurons per "
+          f"token on {record['tokens']} tokens of {args.text} (per layer: {per_layer}%); "
+          f"thresholds {', '.join(f'{t:.4g}' for t in record['thresholds'])}", file=sys.stderr)
     return 0
 
 
@@ -500,6 +528,13 @@ def _add_sampling_options(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_shipped_option(p) -> None:
+    from flashjax.shipped import SHIPPED
+
+    p.add_argument("--model", choices=tuple(SHIPPED), default=None,
+                   help="which shipped model runs when no MODEL_DIR is given (default: opt)")
+
+
 def _add_load_options(p, max_context_help: str) -> None:
     """How the model is loaded: dense, or flash-backed within a DRAM budget."""
     p.add_argument("--dram-budget", type=_budget,
@@ -550,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_load_options(p, "KV-cache slots reserved in the budget (default: the prompt plus "
                          "--max-new-tokens)")
+    _add_shipped_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="an interactive conversation; the KV cache (and the "
@@ -562,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", type=_utf8, help="a system message to start with")
     _add_load_options(p, "the most tokens the conversation holds (default: the model's "
                          "limit); a flash model's KV cache is reserved for them")
+    _add_shipped_option(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, "
@@ -578,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p, "the most tokens a request's prompt and max_tokens may take "
                          "(default: the model's limit); a flash model's KV cache is reserved "
                          "for them")
+    _add_shipped_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("collect", help="record FFN inputs and neuron activity on text")
@@ -588,6 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_number(int, 2), default=256)
     p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("calibrate", help="SwiGLU models: per-layer activation thresholds "
+                       "that skip a chosen fraction of FFN neurons (an approximation)")
+    p.add_argument("model_dir")
+    p.add_argument("--text", required=True, help=".txt or .jsonl (field 'text') or a directory")
+    p.add_argument("--sparsity", type=_number(float, 0, 1), required=True,
+                   help="fraction of each layer's neurons skipped per token (0: exact)")
+    p.add_argument("--tokens", type=_POSITIVE, default=16384)
+    p.add_argument("--seq-len", type=_number(int, 2), default=256)
+    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
+    p.add_argument("--passes", type=_POSITIVE, default=2,
+                   help="sweeps that refine the thresholds (each layer's input depends on the "
+                        "layers before it)")
+    p.add_argument("--force", action="store_true",
+                   help="remove the store's trained predictors (they predict the old activity)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("train-predictors", help="train the low-rank activation predictors")
     p.add_argument("model_dir")
@@ -688,6 +742,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from flashjax import CheckpointError, ConfigError, StoreError
 
+    if getattr(args, "model", None) is not None and args.model_dir is not None:
+        print(f"error: --model {args.model} names a shipped model; give it or MODEL_DIR "
+              f"({args.model_dir}), not both", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, StoreError, FileExistsError, FileNotFoundError,

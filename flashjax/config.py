@@ -26,8 +26,13 @@ class ConfigError(ValueError):
 
 
 # The FFN activities flashjax computes sparsely. "relu": OPT's relu(W_up x + b), or in a gated
-# FFN relu(W_gate x) * (W_up x); "drelu": relu(W_gate x) * relu(W_up x) (TurboSparse).
-ACTIVATIONS = ("relu", "drelu")
+# FFN relu(W_gate x) * (W_up x); "drelu": relu(W_gate x) * relu(W_up x) (TurboSparse);
+# "silu": SwiGLU, silu(W_gate x) * (W_up x), where every neuron fires a little: sparse only
+# with per-layer ``activation_thresholds`` (``flashjax calibrate``), below which a neuron's
+# |silu(W_gate x)| is taken as 0 (an approximation the user asks for by calibrating).
+ACTIVATIONS = ("relu", "drelu", "silu")
+GATED_ONLY = ("drelu", "silu")
+THRESHOLDS_FIELD = "activation_thresholds"  # flashjax's own config.json field (SwiGLU)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +50,9 @@ class ModelConfig:
     bos_token_id: int = 2
     eos_token_id: int = 2
     activation: str = "relu"  # one of ACTIVATIONS
+    # silu only: per layer, the |silu(gate)| at or below which a neuron is skipped (None: none
+    # is, the dense SwiGLU model)
+    activation_thresholds: tuple[float, ...] | None = None
     model_type: str = "opt"
 
     family: ClassVar[str]
@@ -65,8 +73,28 @@ class ModelConfig:
                                   f"{value!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
-        if self.activation == "drelu" and len(self.ffn_parts) != 3:
-            raise ConfigError(f"activation 'drelu' needs a gated FFN; {self.model_type} has none")
+        if self.activation in GATED_ONLY and len(self.ffn_parts) != 3:
+            raise ConfigError(f"activation {self.activation!r} needs a gated FFN; "
+                              f"{self.model_type} has none")
+        t = self.activation_thresholds
+        if t is not None:
+            if self.activation != "silu":
+                raise ConfigError(f"field {THRESHOLDS_FIELD!r} is for SiLU (SwiGLU) FFNs; this "
+                                  f"model's activation is {self.activation!r}")
+            if (not isinstance(t, tuple) or len(t) != self.num_hidden_layers
+                    or not all(isinstance(x, float) and math.isfinite(x) and x >= 0 for x in t)):
+                raise ConfigError(f"field {THRESHOLDS_FIELD!r} must hold one finite threshold "
+                                  f">= 0 per layer ({self.num_hidden_layers}), found {t!r}")
+
+    def threshold(self, layer: int) -> float | None:
+        """Layer ``layer``'s activation threshold (SwiGLU), or None where there is none."""
+        return None if self.activation_thresholds is None else self.activation_thresholds[layer]
+
+    @property
+    def exactly_sparse(self) -> bool:
+        """Whether neurons are inactive by the activation itself (ReLU, dReLU) or only by a
+        calibrated threshold (SwiGLU) or not at all (SwiGLU uncalibrated)."""
+        return self.activation != "silu"
 
     @functools.cached_property
     def num_key_value_heads(self) -> int:
@@ -282,11 +310,20 @@ class LlamaConfig(ModelConfig):
     def _from_hf(cls, d: dict[str, Any], source: str) -> LlamaConfig:
         model_type = d["model_type"]
         act = d.get("hidden_act", "silu")
-        if act != "relu":
+        if act not in ("relu", "silu"):
             raise ConfigError(
                 f"{source}: field 'hidden_act' is {act!r}; flashjax runs Llama-family models "
-                f"whose FFN is sparse: 'relu' (ReluLLaMA, ProSparse; dReLU with "
-                f"--activation drelu). A {act} model computes every neuron every token")
+                f"with 'relu' (ReluLLaMA, ProSparse; dReLU with --activation drelu) or 'silu' "
+                f"(SwiGLU: sparse after `flashjax calibrate`, or relufied with "
+                f"scripts/relufy.py)")
+        activation = d.get(FFN_ACTIVATION_FIELD, act)
+        thresholds = d.get(THRESHOLDS_FIELD)
+        if thresholds is not None:
+            if not isinstance(thresholds, list) or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in thresholds):
+                raise ConfigError(f"{source}: field {THRESHOLDS_FIELD!r} is {thresholds!r}; "
+                                  f"expected a list of numbers, one per layer")
+            thresholds = tuple(float(x) for x in thresholds)
         if d.get("mlp_bias"):
             raise ConfigError(f"{source}: field 'mlp_bias' is True; flashjax supports Llama "
                               f"FFNs without biases only")
@@ -342,7 +379,8 @@ class LlamaConfig(ModelConfig):
             pad_token_id=_token_id(d, "pad_token_id", 0),
             bos_token_id=_token_id(d, "bos_token_id", 1),
             eos_token_id=_token_id(d, "eos_token_id", 2),
-            activation=d.get(FFN_ACTIVATION_FIELD, "relu"),
+            activation=activation,
+            activation_thresholds=thresholds,
             model_type=model_type,
         )
 
@@ -373,7 +411,7 @@ class LlamaConfig(ModelConfig):
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
             "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
-            "hidden_act": "relu",
+            "hidden_act": "silu" if self.activation == "silu" else "relu",
             "tie_word_embeddings": self.tie_word_embeddings,
             "sliding_window": self.sliding_window,
             "pad_token_id": self.pad_token_id,
@@ -384,8 +422,10 @@ class LlamaConfig(ModelConfig):
             d |= {"attention_bias": self.qkv_bias, "mlp_bias": False}
         if self.model_type == "qwen2":
             d |= {"use_sliding_window": self.sliding_window is not None}
-        if self.activation != "relu":
+        if self.activation == "drelu":
             d[FFN_ACTIVATION_FIELD] = self.activation
+        if self.activation_thresholds is not None:
+            d[THRESHOLDS_FIELD] = list(self.activation_thresholds)
         return d
 
 

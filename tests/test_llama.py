@@ -186,7 +186,6 @@ def test_drelu_model_dense_and_flash(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("hidden_act", "silu", "field 'hidden_act' is 'silu'"),
     ("hidden_act", "gelu", "field 'hidden_act' is 'gelu'"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0},
      "'rope_scaling' has type 'yarn'; flashjax supports"),

@@ -90,19 +90,22 @@ def _staged_parts(rows, update: RowUpdate, neuron_bias, dtype, d_model: int):
 
 
 @functools.partial(jax.jit, static_argnames="activation")
-def ffn_held(buf: NeuronBuffer, mask, ffn_in, acc, *, activation: str):
+def ffn_held(buf: NeuronBuffer, mask, ffn_in, acc, *, activation: str, threshold=None):
     """acc + the FFN over the buffer's rows where ``mask`` [C] is True (output bias not
-    added; acc None: nothing to add to)."""
-    return _add(acc, sparse_ffn(ffn_in, buf.parts, buf.bias, mask, activation=activation))
+    added; acc None: nothing to add to; threshold: the layer's calibrated activation threshold,
+    a scalar, or None)."""
+    return _add(acc, sparse_ffn(ffn_in, buf.parts, buf.bias, mask, activation=activation,
+                                threshold=threshold))
 
 
 @functools.partial(jax.jit, static_argnames="activation")
-def ffn_staged(rows, packed, neuron_bias, ffn_in, acc, *, activation: str):
+def ffn_staged(rows, packed, neuron_bias, ffn_in, acc, *, activation: str, threshold=None):
     """acc + the FFN over the real rows just read (staging rows [S, P x D], ``packed`` a
     ``RowUpdate``); rows past the count read are stale and masked."""
     parts, bias, live = _staged_parts(rows, RowUpdate.unpack(packed), neuron_bias,
                                       ffn_in.dtype, ffn_in.shape[-1])
-    return _add(acc, sparse_ffn(ffn_in, parts, bias, live, activation=activation))
+    return _add(acc, sparse_ffn(ffn_in, parts, bias, live, activation=activation,
+                                threshold=threshold))
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -128,22 +131,26 @@ def update_buffer(buf: NeuronBuffer, rows, packed, neuron_bias):
 
 
 def compile_row_kernels(buffers, neuron_biases, staging, capacities, sizes, stream_sizes,
-                        dtype, activation):
+                        dtype, activation, threshold=None):
     """Compile the row kernels for every buffer shape and padded size (a layer of each
-    distinct capacity, its update sizes ``sizes[l]``, and the streamed ``stream_sizes``);
-    returns the buffers (donated to the updates, which change nothing)."""
+    distinct capacity, its update sizes ``sizes[l]``, and the streamed ``stream_sizes``), for
+    a ``threshold`` like the layers' (a device scalar or None); returns the buffers (donated
+    to the updates, which change nothing)."""
     x = jnp.zeros((1, 1, buffers[0].parts[0].shape[1]), dtype)
     staged = set()
     for layer in sorted({capacities.index(c) for c in capacities}):
         buf, bias = buffers[layer], neuron_biases[layer]
-        ffn_held(buf, np.zeros(buf.rows, bool), x, None, activation=activation)
+        ffn_held(buf, np.zeros(buf.rows, bool), x, None, activation=activation,
+                 threshold=threshold)
         for size in sizes[layer]:
             buf, _ = update_buffer(buf, staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows),
                                    bias)
         for size in sorted((set(sizes[layer]) | set(stream_sizes)) - staged):
             packed = RowUpdate.pack(size, [], no_slot=buf.rows)
-            ffn_staged(staging[:size], packed, bias, x, None, activation=activation)
-            ffn_staged(staging[:size], packed, bias, x, x, activation=activation)
+            ffn_staged(staging[:size], packed, bias, x, None, activation=activation,
+                       threshold=threshold)
+            ffn_staged(staging[:size], packed, bias, x, x, activation=activation,
+                       threshold=threshold)
             staged.add(size)
         buffers[layer] = buf
     return jax.block_until_ready(buffers)

@@ -43,6 +43,9 @@ class FlashModel(Model):
         self.schedule = (Overlapped if options.overlap else Sequential)(reader)
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
         self.neuron_biases = [neuron_bias(cfg, p) for p in self.layer_params]
+        # per layer the calibrated activation threshold as a device scalar (SwiGLU), or None
+        self.thresholds = [None if cfg.threshold(i) is None else jnp.float32(cfg.threshold(i))
+                           for i in range(cfg.num_hidden_layers)]
         # rows kept resident per layer: none for a selector that streams everything
         self.capacities = plan.capacities if selector.keeps_rows else (0,) * len(plan.capacities)
         # a layer's largest update is bounded by its capacity; streamed rows by the staging
@@ -88,7 +91,7 @@ class FlashModel(Model):
         state = self.init_state(1, 1)
         buffers = kernels.compile_row_kernels(
             list(state.buffers), self.neuron_biases, self.reader.staging, self.capacities,
-            self.sizes, self.stream_sizes, self.dtype, self.cfg.activation)
+            self.sizes, self.stream_sizes, self.dtype, self.cfg.activation, self.thresholds[0])
         self._done(state.next_token(state.kv, buffers))
 
     # -- one token through all layers ----------------------------------------------------------
@@ -105,7 +108,7 @@ class FlashModel(Model):
                          neuron_bias=self.neuron_biases[layer], activation=self.cfg.activation,
                          chunk=self.chunks[layer], sizes=self.sizes[layer],
                          stream_chunk=self.memory.update_rows, stream_sizes=self.stream_sizes,
-                         rows=state.buffers[layer].rows)
+                         rows=state.buffers[layer].rows, threshold=self.thresholds[layer])
 
     def decode_step(self, state: FlashState, tokens, positions, token_valid=None):
         """One token per sequence: tokens, positions [B] -> (logits [B, V], next state)."""

@@ -48,7 +48,8 @@ class LayerWork:
 
     plan: the cache's plan, made by ``index`` for token ``step``; neuron_bias: the layer's
     resident per-neuron bias [N] (rows take theirs along), or None; activation: the FFN's
-    (``ModelConfig.activation``); chunk, sizes: the most rows one update
+    (``ModelConfig.activation``) and threshold its calibrated threshold (a device scalar) or
+    None; chunk, sizes: the most rows one update
     piece holds and the padded sizes (bounded by the buffer); stream_chunk, stream_sizes: the
     same for streamed rows (bounded by the staging buffer); rows: the buffer's rows."""
 
@@ -63,6 +64,7 @@ class LayerWork:
     stream_chunk: int
     stream_sizes: list[int]
     rows: int
+    threshold: jax.Array | None = None
 
     def needed_after(self) -> np.ndarray:
         """The slots needed by this token once the plan is applied."""
@@ -153,13 +155,13 @@ class Sequential(_Schedule):
         if needed.size:
             with stats.phase("compute"):
                 out = ffn_held(buffers[layer], work.mask(needed), ffn_in, out,
-                               activation=work.activation)
+                               activation=work.activation, threshold=work.threshold)
                 out.block_until_ready()
         for ids, size in work.streamed():
             rows = self._read(stats, layer, ids, size, streamed=True)
             with stats.phase("compute"):
                 out = ffn_staged(rows, work.pack(ids, size), work.neuron_bias, ffn_in, out,
-                                 activation=work.activation)
+                                 activation=work.activation, threshold=work.threshold)
                 out.block_until_ready()
         return jnp.zeros_like(ffn_in) if out is None else out
 
@@ -200,7 +202,7 @@ class Overlapped(_Schedule):
     def _ffn_new(self, stats, rows, packed, work, ffn_in, out):
         with stats.phase("compute"):
             out = ffn_staged(rows, packed, work.neuron_bias, ffn_in, out,
-                             activation=work.activation)
+                             activation=work.activation, threshold=work.threshold)
             self.fence(out)
         return out
 
@@ -209,7 +211,7 @@ class Overlapped(_Schedule):
         if plan.held.size:  # the rows held before this token, on the device while we read
             with stats.phase("compute"):
                 out = ffn_held(buffers[layer], work.mask(plan.held), ffn_in, out,
-                               activation=work.activation)
+                               activation=work.activation, threshold=work.threshold)
         self.flush(buffers, stats)  # the last layer's update queues behind it
         pieces, streamed = work.pieces(), work.streamed()
         # the common case, one piece and nothing streamed: its update waits for the next

@@ -51,19 +51,19 @@ class Selector(Protocol):
 
 
 @functools.partial(jax.jit, static_argnames="activation")
-def _oracle_scores(weights, bias, ffn_in, token_valid, *, activation):
+def _oracle_scores(weights, bias, ffn_in, token_valid, threshold, *, activation):
     """Exact activity scores [N] (> 0: fires), the max over the batch's real tokens."""
     pres = [jnp.einsum("bsd,dn->bsn", ffn_in, w) for w in weights]
     if bias is not None:
         pres[0] = pres[0] + bias
-    scores = activity_scores(pres, activation)
+    scores = activity_scores(pres, activation, threshold)
     scores = jnp.where(token_valid[:, None, None], scores, -jnp.inf)
     return scores.max(axis=(0, 1))
 
 
 def activity_parts(cfg) -> tuple[str, ...]:
     """The FFN parts whose pre-activations decide whether a neuron fires: OPT's up, a gated
-    ReLU's gate, dReLU's gate and up."""
+    ReLU's or SwiGLU's gate, dReLU's gate and up."""
     if len(cfg.ffn_parts) == 2:
         return cfg.ffn_parts[:1]
     return cfg.ffn_parts[:2] if cfg.activation == "drelu" else cfg.ffn_parts[:1]
@@ -100,7 +100,8 @@ class Oracle:
 
     def select(self, layer, ffn_in, token_valid, step) -> Selection:
         scores = np.asarray(_oracle_scores(self.weights[layer], self.bias[layer], ffn_in,
-                                           token_valid, activation=self.cfg.activation))
+                                           token_valid, self.cfg.threshold(layer),
+                                           activation=self.cfg.activation))
         return Selection(np.flatnonzero(scores > 0).astype(np.int32), scores)
 
 

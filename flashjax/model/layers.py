@@ -179,6 +179,11 @@ class DenseFFN(nn.Module):
         pres = [self.fc1(x)]
         return self.fc2(ffn_hidden(pres, "relu")), activity_scores(pres, "relu")
 
+    def hidden(self, x):
+        """(the FFN's output [B, S, D], its hidden activations [B, S, N])."""
+        h = ffn_hidden([self.fc1(x)], "relu")
+        return self.fc2(h), h
+
     def __call__(self, x):
         return self.activity(x)[0]
 

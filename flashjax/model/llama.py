@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2 with a gated ReLU FFN) as a pure-functional
+"""The Llama-family decoder (Llama, Mistral, Qwen2 with a gated ReLU or SiLU FFN) as a pure-functional
 Flax module, with the same interface as ``OPT``: ``embed``, ``layers[i].attend`` /
 ``.ffn`` / ``.finish`` and ``head``.
 
@@ -69,9 +69,11 @@ class LlamaAttention(nn.Module):
 
 
 class GatedFFN(nn.Module):
-    """down(act(gate(x)) * up(x)) (dReLU: relu of both), no biases."""
+    """down(act(gate(x)) * up(x)) (dReLU: relu of both; SwiGLU: silu, zeroed at or below the
+    layer's calibrated threshold where there is one), no biases."""
 
     cfg: LlamaConfig
+    index: int = 0  # the layer's (for its activation threshold)
 
     def setup(self):
         n, d = self.cfg.ffn_dim, self.cfg.hidden_size
@@ -82,8 +84,15 @@ class GatedFFN(nn.Module):
     def activity(self, x):
         """(the FFN's output [B, S, D], activity scores [B, S, N]: > 0 where a neuron fires)."""
         pres = [self.gate(x), self.up(x)]
-        act = self.cfg.activation
-        return self.down(ffn_hidden(pres, act)), activity_scores(pres, act)
+        act, threshold = self.cfg.activation, self.cfg.threshold(self.index)
+        return (self.down(ffn_hidden(pres, act, threshold)),
+                activity_scores(pres, act, threshold))
+
+    def hidden(self, x):
+        """(the FFN's output [B, S, D], its hidden activations [B, S, N])."""
+        h = ffn_hidden([self.gate(x), self.up(x)], self.cfg.activation,
+                       self.cfg.threshold(self.index))
+        return self.down(h), h
 
     def __call__(self, x):
         return self.activity(x)[0]
@@ -93,12 +102,13 @@ class LlamaLayer(nn.Module):
     """One pre-norm Llama layer, split at the FFN like OPT's ``DecoderLayer``."""
 
     cfg: LlamaConfig
+    index: int = 0
 
     def setup(self):
         self.input_layernorm = RMSNorm(self.cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(self.cfg)
         self.post_attention_layernorm = RMSNorm(self.cfg.rms_norm_eps)
-        self.ffn = GatedFFN(self.cfg)
+        self.ffn = GatedFFN(self.cfg, self.index)
 
     def attend(self, h, keys, values, valid, index, positions):
         """h: [B, S, D] -> (h, ffn_in [B, S, D], keys, values)."""
@@ -119,7 +129,8 @@ class Llama(nn.Module):
     def setup(self):
         cfg = self.cfg
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [LlamaLayer(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.layers = [LlamaLayer(cfg, i, name=f"layers_{i}")
+                       for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False)

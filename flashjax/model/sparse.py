@@ -13,28 +13,41 @@ import jax
 import jax.numpy as jnp
 
 
-def ffn_hidden(pres, activation: str):
+def ffn_hidden(pres, activation: str, threshold=None):
     """The FFN's hidden activations from its pre-activations: OPT relu(up); gated
-    relu(gate) * up, or with ``activation`` "drelu" relu(gate) * relu(up)."""
+    relu(gate) * up, with ``activation`` "drelu" relu(gate) * relu(up), with "silu"
+    silu(gate) * up, where a ``threshold`` (SwiGLU calibrated, a scalar) zeroes every
+    |silu(gate)| at or below it."""
     if len(pres) == 1:
         return jax.nn.relu(pres[0])
     gate, up = pres
+    if activation == "silu":
+        act = jax.nn.silu(gate)
+        if threshold is not None:
+            act = jnp.where(jnp.abs(act) > threshold, act, 0)
+        return act * up
     return jax.nn.relu(gate) * (jax.nn.relu(up) if activation == "drelu" else up)
 
 
-def activity_scores(pres, activation: str):
+def activity_scores(pres, activation: str, threshold=None):
     """A score per neuron that is > 0 exactly where the neuron fires (its hidden activation
-    can be non-zero): the ReLU's input, or for dReLU the smaller of the two."""
+    can be non-zero): the ReLU's input, for dReLU the smaller of the two, for SwiGLU
+    |silu(gate)| less the layer's threshold (without one: every neuron whose silu is not
+    exactly 0 fires). ``pres`` may hold only the parts that decide activity (the oracle's)."""
+    if activation == "silu":  # (gated only: the gate decides)
+        score = jnp.abs(jax.nn.silu(pres[0]))
+        return score if threshold is None else score - threshold
     if len(pres) == 1 or activation != "drelu":
         return pres[0]
     return jnp.minimum(*pres)
 
 
-def sparse_ffn(x, parts, bias, mask, *, activation: str = "relu"):
+def sparse_ffn(x, parts, bias, mask, *, activation: str = "relu", threshold=None):
     """The FFN over the rows where ``mask`` is True.
 
     x: [B, S, D]; parts: the rows' input parts then their down part, each [C, D]; bias: [C]
-    (the first input part's, OPT) or None; mask: [C] bool -> [B, S, D] in the parts' dtype.
+    (the first input part's, OPT) or None; mask: [C] bool; threshold: the layer's activation
+    threshold (SwiGLU calibrated), a scalar, or None -> [B, S, D] in the parts' dtype.
 
     The rows hold any subset of a layer's neurons in any order; masked rows (stale slots,
     rows resident but not needed by this token, padding) contribute nothing. An output bias
@@ -48,6 +61,6 @@ def sparse_ffn(x, parts, bias, mask, *, activation: str = "relu"):
     pres = [jnp.einsum("bsd,cd->bsc", x, w) for w in inputs]
     if bias is not None:
         pres[0] = pres[0] + bias
-    h = jnp.where(mask, ffn_hidden(pres, activation), 0)
+    h = jnp.where(mask, ffn_hidden(pres, activation, threshold), 0)
     # [B, S, D]
     return jnp.einsum("bsc,cd->bsd", h, down)

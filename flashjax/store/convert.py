@@ -204,6 +204,10 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
             cfg = dataclasses.replace(cfg, activation=activation)
         except ConfigError as e:
             raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
+    if cfg.activation == "silu" and cfg.activation_thresholds is None:
+        log.warning("%s: hidden_act silu (SwiGLU): no neuron is ever exactly inactive; run "
+                    "`flashjax calibrate` on the converted model for activation sparsity",
+                    hf_dir / "config.json")
     ckpt = HFCheckpoint(hf_dir)
     prefix = _prefix(cfg, ckpt.keys())
     table = dram_table(cfg, prefix)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from flashjax.config import FFN_ACTIVATION_FIELD, ModelConfig
+from flashjax.config import FFN_ACTIVATION_FIELD, THRESHOLDS_FIELD, ModelConfig
 from flashjax.store.convert import Entry, dram_table, ffn_keys
 
 PREFIXES = {"opt": "model.decoder.", "llama": "model."}
@@ -160,6 +160,11 @@ def _warn_drelu(cfg: ModelConfig, out_dir: Path) -> None:
         log.warning("%s: a dReLU model; transformers' %s ignores the %r field and would "
                     "compute relu(gate) * up: load it with flashjax or custom modeling code",
                     out_dir, cfg.to_hf_config()["architectures"][0], FFN_ACTIVATION_FIELD)
+    if cfg.activation_thresholds is not None:
+        log.warning("%s: a calibrated SwiGLU model; transformers' %s ignores the %r field and "
+                    "computes the dense model (every neuron): load it with flashjax for the "
+                    "thresholded one", out_dir, cfg.to_hf_config()["architectures"][0],
+                    THRESHOLDS_FIELD)
 
 
 def hf_tensors(params, cfg: ModelConfig, np_dtype=np.dtype(np.float32)) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import zlib
 from pathlib import Path
@@ -110,7 +111,11 @@ class Manifest:
         return d
 
     def write(self, model_dir: Path) -> None:
-        (Path(model_dir) / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write ``manifest.json`` whole or not at all (a temporary file renamed over it)."""
+        path = Path(model_dir) / MANIFEST
+        tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        os.replace(tmp, path)
 
     @classmethod
     def read(cls, model_dir: str | Path, check_files: bool = True) -> Manifest:
@@ -249,7 +254,7 @@ def _layer_template(cfg: ModelConfig) -> tuple[dict[str, int], dict[str, int]]:
     converter's table (every layer has layer 0's tensors, with its own index)."""
     from flashjax.store.convert import dram_group, dram_table
 
-    one = dataclasses.replace(cfg, num_hidden_layers=1)
+    one = dataclasses.replace(cfg, num_hidden_layers=1, activation_thresholds=None)
     top, layer = {}, {}
     for e in dram_table(one, ""):
         (top if dram_group(e.path) == "top" else layer)["/".join(e.path)] = \

@@ -1,6 +1,8 @@
-"""The shipped model: a small OPT with its tokenizer and trained predictors.
+"""The shipped models: small models trained on the documentation corpus, with their tokenizer
+and trained predictors: ``opt`` (the default, a ReLU OPT) and ``llama`` (a SwiGLU Llama
+relufied with ``scripts/relufy.py``).
 
-The repository holds it once, in Hugging Face format, in ``checkpoints/``; a built wheel (and
+The repository holds each once, in Hugging Face format, in ``checkpoints/``; a built wheel (and
 so a non-editable ``pip install .``) carries a copy as package data in ``flashjax/_shipped/``
 (``setup.py`` puts it there), an editable install finds ``checkpoints/`` next to the source.
 The flash store is made from it on first use in a cache directory (``$FLASHJAX_CACHE``,
@@ -20,16 +22,23 @@ PACKAGED = Path(__file__).resolve().parent / "_shipped"  # in an installed wheel
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"  # in a source tree
 
 
-def shipped_checkpoint() -> Path:
-    """The shipped Hugging Face checkpoint directory: the installed package's copy, else the
-    one in the source tree's ``checkpoints/``."""
+SHIPPED = {"opt": "flashjax-docs-9m", "llama": "flashjax-docs-llama-9m"}  # name: directory
+DEFAULT = "opt"
+
+
+def shipped_checkpoint(name: str = DEFAULT) -> Path:
+    """The shipped Hugging Face checkpoint directory of model ``name`` (one of ``SHIPPED``):
+    the installed package's copy, else the one in the source tree's ``checkpoints/``."""
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped model named {name!r}; the shipped models are "
+                         f"{', '.join(SHIPPED)}")
     for root in (PACKAGED, CHECKPOINTS):
-        found = sorted(p.parent for p in root.glob("*/config.json"))
-        if found:
-            return found[0]
-    raise FileNotFoundError(f"no shipped model in {PACKAGED} (an installed wheel's) nor in "
-                            f"{CHECKPOINTS} (a source tree's); install flashjax from a wheel "
-                            f"or a clone (`pip install .`), or pass a MODEL_DIR")
+        if (root / SHIPPED[name] / "config.json").is_file():
+            return root / SHIPPED[name]
+    raise FileNotFoundError(f"no shipped model {SHIPPED[name]} in {PACKAGED} (an installed "
+                            f"wheel's) nor in {CHECKPOINTS} (a source tree's); install "
+                            f"flashjax from a wheel or a clone (`pip install .`), or pass a "
+                            f"MODEL_DIR")
 
 
 def cache_root() -> Path:
@@ -56,9 +65,9 @@ def converted_dir(hf_dir: Path) -> Path:
     return cache_root() / f"{hf_dir.name}-{_fingerprint(hf_dir)}"
 
 
-def default_model_dir(progress: bool = True) -> Path:
-    """The converted shipped model, converting it on first use."""
-    hf_dir = shipped_checkpoint()
+def default_model_dir(progress: bool = True, name: str = DEFAULT) -> Path:
+    """The converted shipped model ``name``, converting it on first use."""
+    hf_dir = shipped_checkpoint(name)
     out = converted_dir(hf_dir)
     if not out.exists():
         if progress:

@@ -1,6 +1,12 @@
-"""Train the small OPT model that flashjax ships, from scratch, on the documentation corpus.
+"""Train a small model that flashjax ships, from scratch, on the documentation corpus.
 
     python scripts/train_shipped_model.py --steps 1100 --max-minutes 95
+    python scripts/train_shipped_model.py --family llama --ffn 1376 --seq-len 128 \
+        --work-dir data/train_llama --out data/llama-swiglu --max-minutes 40
+
+``--family opt`` (the default) is the ReLU OPT of ``checkpoints/flashjax-docs-9m``; ``--family
+llama`` a SwiGLU Llama (RMSNorm, rotary positions, SiLU-gated FFN: every neuron fires a
+little), the starting point of ``scripts/relufy.py``.
 
 Data: random contiguous windows of ``--seq-len + 1`` tokens of ``data/corpus/train.u16.npy``
 (documents are separated by id 2, OPT's bos/eos, so a window that crosses a boundary sees the
@@ -38,9 +44,9 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from flashjax.config import ModelConfig, OPTConfig
+from flashjax.config import LlamaConfig, ModelConfig, OPTConfig
 from flashjax.model.decoder import init_params
-from flashjax.model.opt import OPT
+from flashjax.model import decoder
 from flashjax.store.export import export_hf
 
 INIT_STD = 0.02  # GPT-2/OPT initialisation
@@ -60,6 +66,15 @@ class TrainConfig:
 
 
 def model_config(args) -> ModelConfig:
+    if args.family == "llama":
+        return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                           num_hidden_layers=args.layers, ffn_dim=args.ffn,
+                           num_attention_heads=args.heads,
+                           num_kv_heads=args.kv_heads or args.heads,
+                           head_size=args.hidden // args.heads,
+                           max_position_embeddings=args.max_pos, rms_norm_eps=1e-5,
+                           tie_word_embeddings=True, activation="silu",
+                           pad_token_id=1, bos_token_id=2, eos_token_id=2)
     return OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                      num_hidden_layers=args.layers, ffn_dim=args.ffn,
                      num_attention_heads=args.heads, max_position_embeddings=args.max_pos,
@@ -67,8 +82,9 @@ def model_config(args) -> ModelConfig:
 
 
 def initial_params(cfg: ModelConfig, seed: int):
-    """The tree of ``init_params`` with OPT's initialisation: N(0, 0.02) weights, the two
-    projections into the residual stream scaled by 1/sqrt(2L), zero biases, unit norms."""
+    """The tree of ``init_params`` with GPT-2/OPT's initialisation (Llama's too): N(0, 0.02)
+    weights, the two projections into the residual stream scaled by 1/sqrt(2L), zero biases,
+    unit norms."""
     params = init_params(cfg, seed)
     keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
     resid_std = INIT_STD / math.sqrt(2 * cfg.num_hidden_layers)
@@ -80,7 +96,8 @@ def initial_params(cfg: ModelConfig, seed: int):
             return jnp.zeros_like(x)
         if names[-1] == "scale":
             return jnp.ones_like(x)
-        std = resid_std if ("out_proj" in names or "fc2" in names) else INIT_STD
+        into_residual = {"out_proj", "fc2", "o_proj", "down"} & set(names)
+        std = resid_std if into_residual else INIT_STD
         return std * jax.random.normal(key, x.shape, x.dtype)
 
     return jax.tree_util.tree_map_with_path(init, params)
@@ -104,33 +121,51 @@ def lr_at(tc: TrainConfig, step: int) -> float:
     return tc.peak_lr * (tc.final_lr_frac + (1 - tc.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def nll(cfg: ModelConfig, params, windows):
-    """Mean next-token NLL in nats. windows: [B, S+1] int32; the model reads [:, :-1].
+def teacher_forced(module, tokens, positions, *, l1: bool = False):
+    """The family's module over full sequences: logits [B, S, V] and, with ``l1``, the mean
+    over layers of the FFN activations' mean absolute value (the sparsity penalty of
+    ``scripts/relufy.py``; 0 without).
 
-    Runs the OPT module's own embed, layers and head, but gives each layer a fresh [B, S, H, K]
-    key/value buffer instead of the stacked [L, B, S, H, K] KVCache that ``OPT.__call__``
-    updates layer by layer: same arithmetic, and the gradient no longer flows through L
-    full-cache copies (measured on this 2-core CPU for the 7M model, B=32, S=256: 4.8 s per
-    value-and-grad against 7.7 s through ``OPT.__call__``; identical loss).
+    Runs the module's own embed, layers and head, but gives each layer a fresh [B, S, G, K]
+    key/value buffer instead of the stacked [L, B, S, G, K] KVCache that the module's
+    ``__call__`` updates layer by layer: same arithmetic, and the gradient no longer flows
+    through L full-cache copies (measured on this 2-core CPU for the 7M OPT, B=32, S=256: 4.8 s
+    per value-and-grad against 7.7 s through ``OPT.__call__``; identical loss).
     """
+    cfg = module.cfg
+    b, s = tokens.shape
+    h = module.embed(tokens, positions)
+    valid = jnp.ones((b, s), bool)
+    # [B, S, G, K]
+    empty = jnp.zeros((b, s, cfg.num_key_value_heads, cfg.head_dim), h.dtype)
+    penalty = jnp.zeros((), jnp.float32)
+    for layer in module.layers:
+        h, ffn_in, _, _ = layer.attend(h, empty, empty, valid, 0, positions)
+        if l1:
+            out, hidden = layer.ffn.hidden(ffn_in)
+            penalty = penalty + jnp.abs(hidden).mean() / len(module.layers)
+        else:
+            out = layer.ffn(ffn_in)
+        h = layer.finish(h, out)
+    return module.head(h), penalty
+
+
+def nll(cfg: ModelConfig, params, windows):
+    """Mean next-token NLL in nats. windows: [B, S+1] int32; the model reads [:, :-1]."""
+    return nll_and_l1(cfg, params, windows, l1=False)[0]
+
+
+def nll_and_l1(cfg: ModelConfig, params, windows, *, l1: bool):
+    """(mean next-token NLL in nats, the FFN activations' L1 penalty) of windows [B, S+1]."""
     tokens, targets = windows[:, :-1], windows[:, 1:]
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-
-    def teacher_forced(module, tokens, positions):
-        h = module.embed(tokens, positions)
-        valid = jnp.ones((b, s), bool)
-        # [B, S, H, K]
-        empty = jnp.zeros((b, s, cfg.num_attention_heads, cfg.head_dim), h.dtype)
-        for layer in module.layers:
-            h, _, _ = layer(h, empty, empty, valid, 0)
-        return module.head(h)
-
     # [B, S, V]
-    logits = OPT(cfg).apply({"params": params}, tokens, positions, method=teacher_forced)
+    logits, penalty = decoder.module(cfg).apply(
+        {"params": params}, tokens, positions, method=functools.partial(teacher_forced, l1=l1))
     # [B, S]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return losses.mean()
+    return losses.mean(), penalty
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
@@ -184,10 +219,13 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default="data/tokenizer/tokenizer.json")
     p.add_argument("--work-dir", default="data/train_run")
     p.add_argument("--out", default="checkpoints/flashjax-docs-9m")
+    p.add_argument("--family", choices=("opt", "llama"), default="opt")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None, help="llama: key/value heads "
+                   "(default: --heads)")
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--max-pos", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=256)

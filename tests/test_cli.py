@@ -59,7 +59,7 @@ def test_generate_without_model_uses_the_shipped_one(tmp_path, monkeypatch, caps
     run flash-backed at half the DRAM."""
     from flashjax import shipped
 
-    hf = tmp_path / "checkpoints" / "tiny"
+    hf = tmp_path / "checkpoints" / "flashjax-docs-9m"
     synthetic_hf_checkpoint(hf, tiny_opt_config(ffn_dim=1024), ffn_active=0.05)
     monkeypatch.setattr(shipped, "PACKAGED", tmp_path / "no_package_data")
     monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path / "checkpoints")
@@ -67,7 +67,7 @@ def test_generate_without_model_uses_the_shipped_one(tmp_path, monkeypatch, caps
     assert main(["generate", "--prompt-ids", "2,5,6", "--max-new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["token_ids"]) == 4 and out["stats"]["dram_budget_bytes"] > 0
-    (converted,) = (tmp_path / "cache").iterdir()
+    (converted,) = (tmp_path / "cache").glob("flashjax-docs-9m-*")
     mtime = (converted / "manifest.json").stat().st_mtime
     assert main(["generate", "--prompt-ids", "2,5,6", "--max-new-tokens", "4"]) == 0
     assert (converted / "manifest.json").stat().st_mtime == mtime  # reused, not reconverted
@@ -89,12 +89,16 @@ def test_shipped_model_from_the_source_tree_or_the_package(tmp_path, monkeypatch
     assert (f"shipped model        {repo_copy}\n  converted            {converted} "
             f"(converted on first use)") in capsys.readouterr().out
     packaged = tmp_path / "_shipped"
-    synthetic_hf_checkpoint(packaged / "tiny", tiny_opt_config())
+    synthetic_hf_checkpoint(packaged / "flashjax-docs-9m", tiny_opt_config())
     monkeypatch.setattr(shipped, "PACKAGED", packaged)
-    assert shipped.shipped_checkpoint() == packaged / "tiny"
+    assert shipped.shipped_checkpoint() == packaged / "flashjax-docs-9m"
+    with pytest.raises(ValueError, match="no shipped model named 'gpt'; the shipped models "
+                                         "are opt, llama"):
+        shipped.shipped_checkpoint("gpt")
     monkeypatch.setattr(shipped, "PACKAGED", tmp_path / "none")
     monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path / "none either")
     with pytest.raises(FileNotFoundError, match="none.*none either"):
         shipped.shipped_checkpoint()
     assert main(["info"]) == 0
-    assert "shipped model        not available (no shipped model in" in capsys.readouterr().out
+    assert "shipped model        not available (no shipped model flashjax-docs-9m in" in \
+        capsys.readouterr().out

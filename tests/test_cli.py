@@ -102,3 +102,21 @@ def test_shipped_model_from_the_source_tree_or_the_package(tmp_path, monkeypatch
     assert main(["info"]) == 0
     assert "shipped model        not available (no shipped model flashjax-docs-9m in" in \
         capsys.readouterr().out
+
+
+def test_shipped_llama_by_name(tmp_path, monkeypatch, capsys):
+    """--model llama runs the second shipped model (a relufied Llama with its predictors);
+    naming a shipped model and a MODEL_DIR at once is refused."""
+    from flashjax import shipped
+
+    monkeypatch.setenv("FLASHJAX_CACHE", str(tmp_path / "cache"))
+    assert shipped.shipped_checkpoint("llama").name == "flashjax-docs-llama-9m"
+    assert main(["generate", "--model", "llama", "--prompt", "The Python interpreter",
+                 "--max-new-tokens", "6", "--seed", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 6 and out["stats"]["predictor"] == "lowrank"
+    (converted,) = (tmp_path / "cache").glob("flashjax-docs-llama-9m-*")
+    assert json.loads((converted / "manifest.json").read_text())["config"]["model_type"] == \
+        "llama"
+    assert main(["generate", str(converted), "--model", "llama", "--prompt-ids", "2"]) == 2
+    assert "--model llama names a shipped model" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2 with a gated ReLU or SiLU FFN) as a pure-functional
-Flax module, with the same interface as ``OPT``: ``embed``, ``layers[i].attend`` /
+"""The Llama-family decoder (Llama, Mistral, Qwen2 with a gated ReLU or SiLU FFN) as a
+pure-functional Flax module, with the same interface as ``OPT``: ``embed``, ``layers[i].attend`` /
 ``.ffn`` / ``.finish`` and ``head``.
 
 Shape legend: B batch, S tokens in this call, T KV-cache slots, H query heads, G key/value

@@ -166,8 +166,8 @@ def calibrate(model_dir, text, *, sparsity: float, tokens: int = 16384, seq_len:
     if predictors.exists():  # (force)
         shutil.rmtree(predictors)
         log.warning("calibrate: removed %s (trained for the previous activity)", predictors)
-    manifest = dataclasses.replace(manifest,
-                                   config=dataclasses.replace(cfg, activation_thresholds=thresholds))
+    calibrated = dataclasses.replace(cfg, activation_thresholds=thresholds)
+    manifest = dataclasses.replace(manifest, config=calibrated)
     manifest.write(model_dir)
     tmp = model_dir / f".{CALIBRATION}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -90,12 +90,6 @@ class ModelConfig:
         """Layer ``layer``'s activation threshold (SwiGLU), or None where there is none."""
         return None if self.activation_thresholds is None else self.activation_thresholds[layer]
 
-    @property
-    def exactly_sparse(self) -> bool:
-        """Whether neurons are inactive by the activation itself (ReLU, dReLU) or only by a
-        calibrated threshold (SwiGLU) or not at all (SwiGLU uncalibrated)."""
-        return self.activation != "silu"
-
     @functools.cached_property
     def num_key_value_heads(self) -> int:
         return self.num_attention_heads

@@ -62,7 +62,7 @@ def relu_config(cfg: LlamaConfig) -> LlamaConfig:
 
 def load_params(hf_dir: Path):
     """(config, float32 parameters) of a Hugging Face checkpoint, through a temporary store."""
-    with tempfile.TemporaryDirectory(prefix="relufy-", dir=os.environ.get("TMPDIR")) as tmp:
+    with tempfile.TemporaryDirectory(prefix="relufy-") as tmp:
         convert(hf_dir, Path(tmp) / "store", dtype="float32", progress=False)
         model = flashjax.load(Path(tmp) / "store", progress=False)
         params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), model.params)

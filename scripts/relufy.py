@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -216,35 +215,19 @@ def main(argv=None) -> None:
     opt = tsm.make_optimizer(tc)
     opt_state = opt.init(params)
 
-    work = (args.work_dir or args.out.with_name(args.out.name + ".work")).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    manager = ocp.CheckpointManager(work / "ckpt", options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True))
+    work = args.work_dir or args.out.with_name(args.out.name + ".work")
     spec = {"source": str(args.hf_dir.absolute()), "train": dataclasses.asdict(tc),
             "recipe": dataclasses.asdict(recipe), "text": str(args.text.absolute())}
+    checkpoints = tsm.RunCheckpoints(work, spec)
     log = {"commands": [], "wall_s": 0.0, "loss_curve": [], "evals": []}
-    start = 0
-    if manager.latest_step() is not None:
-        saved = json.loads((work / "run.json").read_text())
-        if saved["spec"] != json.loads(json.dumps(spec)):
-            raise ValueError(f"{work}: its checkpoints were made with other settings; use a "
-                             f"new --work-dir. saved={saved['spec']} now={spec}")
-        start = manager.latest_step()
-        restored = manager.restore(start, args=ocp.args.StandardRestore(
-            {"params": params, "opt_state": opt_state}))
-        params, opt_state = restored["params"], restored["opt_state"]
-        log = json.loads((work / f"log_{start}.json").read_text())
+    resuming = checkpoints.latest is not None
+    params, opt_state, log, start = checkpoints.resume(params, opt_state, log)
+    if resuming:
         print(f"resumed from step {start}", flush=True)
     log["commands"].append(shlex.join([sys.executable, *sys.argv]))
 
     def save(step: int) -> None:
-        (work / f"log_{step}.json").write_text(json.dumps(log))
-        (work / "run.json").write_text(json.dumps({"spec": spec}))
-        manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-        manager.wait_until_finished()
-        for old in work.glob("log_*.json"):
-            if int(old.stem.split("_")[1]) not in manager.all_steps():
-                old.unlink()
+        checkpoints.save(step, params, opt_state, log)
 
     eval_windows = tsm.heldout_windows(heldout, tc.seq_len, args.eval_windows)
     if not log["evals"]:
@@ -286,7 +269,7 @@ def main(argv=None) -> None:
             save(step)
             t_last = time.perf_counter()
     bar.close()
-    if step != manager.latest_step():
+    if step != checkpoints.latest:
         save(step)
 
     out = args.out

@@ -212,6 +212,48 @@ def evaluate(cfg, params, windows: np.ndarray, batch: int) -> float:
     return math.exp(total / count)
 
 
+class RunCheckpoints:
+    """A resumable run's orbax checkpoints (parameters and optimizer state, the last two kept)
+    and JSON log in ``work``, for settings ``spec``: a work dir holding another spec's
+    checkpoints is refused."""
+
+    def __init__(self, work: Path, spec: dict):
+        self.work = Path(work).absolute()
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.spec = json.loads(json.dumps(spec))
+        self.manager = ocp.CheckpointManager(
+            self.work / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+    @property
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def resume(self, params, opt_state, log: dict):
+        """(params, opt_state, log, step) of the latest checkpoint, or the arguments and step
+        0 where there is none."""
+        if self.latest is None:
+            return params, opt_state, log, 0
+        saved = json.loads((self.work / "run.json").read_text())
+        if saved["spec"] != self.spec:
+            raise ValueError(f"{self.work}: its checkpoints were made with other settings; "
+                             f"use a new --work-dir. saved={saved['spec']} now={self.spec}")
+        step = self.latest
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(
+            {"params": params, "opt_state": opt_state}))
+        log = json.loads((self.work / f"log_{step}.json").read_text())
+        return restored["params"], restored["opt_state"], log, step
+
+    def save(self, step: int, params, opt_state, log: dict) -> None:
+        (self.work / f"log_{step}.json").write_text(json.dumps(log))
+        (self.work / "run.json").write_text(json.dumps({"spec": self.spec}))
+        self.manager.save(step, args=ocp.args.StandardSave({"params": params,
+                                                             "opt_state": opt_state}))
+        self.manager.wait_until_finished()
+        for old in self.work.glob("log_*.json"):
+            if int(old.stem.split("_")[1]) not in self.manager.all_steps():
+                old.unlink()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--train", default="data/corpus/train.u16.npy")
@@ -288,37 +330,18 @@ def main(argv=None) -> None:
     if args.benchmark_seconds:
         return benchmark(cfg, tc, opt, train, args.benchmark_seconds)
 
-    work = Path(args.work_dir).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    manager = ocp.CheckpointManager(work / "ckpt", options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True))
     run_spec = {"model": dataclasses.asdict(cfg), "train": dataclasses.asdict(tc)}
-    params = initial_params(cfg, tc.seed)
-    opt_state = opt.init(params)
+    checkpoints = RunCheckpoints(Path(args.work_dir), run_spec)
     log = {"commands": [], "wall_s": 0.0, "loss_curve": [], "evals": []}
-    start = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        saved = json.loads((work / "run.json").read_text())
-        if saved["spec"] != json.loads(json.dumps(run_spec)):
-            raise ValueError(f"{work}: checkpoint was made with a different configuration; "
-                             f"use a new --work-dir. saved={saved['spec']} now={run_spec}")
-        restored = manager.restore(latest, args=ocp.args.StandardRestore(
-            {"params": params, "opt_state": opt_state}))
-        params, opt_state = restored["params"], restored["opt_state"]
-        log = json.loads((work / f"log_{latest}.json").read_text())
-        start = latest
+    params = initial_params(cfg, tc.seed)
+    resuming = checkpoints.latest is not None
+    params, opt_state, log, start = checkpoints.resume(params, opt.init(params), log)
+    if resuming:
         print(f"resumed from step {start} ({log['wall_s']:.0f} s of training so far)", flush=True)
     log["commands"].append(shlex.join([sys.executable, *sys.argv]))
 
     def save(step: int) -> None:
-        (work / f"log_{step}.json").write_text(json.dumps(log))
-        (work / "run.json").write_text(json.dumps({"spec": run_spec}))
-        manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
-        manager.wait_until_finished()
-        for old in work.glob("log_*.json"):
-            if int(old.stem.split("_")[1]) not in manager.all_steps():
-                old.unlink()
+        checkpoints.save(step, params, opt_state, log)
 
     eval_small = heldout_windows(heldout, tc.seq_len, args.eval_windows)
     budget_s = None if args.max_minutes is None else 60 * args.max_minutes
@@ -350,7 +373,7 @@ def main(argv=None) -> None:
             save(step)
             t_last = time.perf_counter()
     bar.close()
-    if step != manager.latest_step():
+    if step != checkpoints.latest:
         save(step)
 
     eval_all = heldout_windows(heldout, tc.seq_len, None)

@@ -528,6 +528,14 @@ def _add_sampling_options(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_text_options(p, tokens: int) -> None:
+    """The dense model run over text in fixed-length sequences (collect, calibrate)."""
+    p.add_argument("--text", required=True, help=".txt or .jsonl (field 'text') or a directory")
+    p.add_argument("--tokens", type=_POSITIVE, default=tokens)
+    p.add_argument("--seq-len", type=_number(int, 2), default=256)
+    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
+
+
 def _add_shipped_option(p) -> None:
     from flashjax.shipped import SHIPPED
 
@@ -620,22 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="record FFN inputs and neuron activity on text")
     p.add_argument("model_dir")
-    p.add_argument("--text", required=True, help=".txt or .jsonl (field 'text') or a directory")
     p.add_argument("--out", required=True, help="data directory (a rerun resumes)")
-    p.add_argument("--tokens", type=_POSITIVE, default=100_000)
-    p.add_argument("--seq-len", type=_number(int, 2), default=256)
-    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
+    _add_text_options(p, tokens=100_000)
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("calibrate", help="SwiGLU models: per-layer activation thresholds "
                        "that skip a chosen fraction of FFN neurons (an approximation)")
     p.add_argument("model_dir")
-    p.add_argument("--text", required=True, help=".txt or .jsonl (field 'text') or a directory")
     p.add_argument("--sparsity", type=_number(float, 0, 1), required=True,
                    help="fraction of each layer's neurons skipped per token (0: exact)")
-    p.add_argument("--tokens", type=_POSITIVE, default=16384)
-    p.add_argument("--seq-len", type=_number(int, 2), default=256)
-    p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
+    _add_text_options(p, tokens=16384)
     p.add_argument("--passes", type=_POSITIVE, default=2,
                    help="sweeps that refine the thresholds (each layer's input depends on the "
                         "layers before it)")

@@ -122,10 +122,11 @@ def _selector(path: Path, manifest: Manifest, dtype, predictor):
             raise ValueError(f"predictor 'lowrank': {e}; or use predictor='oracle'") from None
     from flashjax.predictor.model import saved_layer_weights
 
-    checksums = bundles.load_checksums(path)
+    checksums, scales = bundles.load_checksums(path), bundles.load_scales(path, manifest)
     weights = []
     for layer in range(cfg.num_hidden_layers):
-        kernels = rows_to_kernels(cfg, bundles.read_layer(path, layer, checksums))
+        kernels = rows_to_kernels(cfg, bundles.read_layer_values(path, layer, manifest, checksums,
+                                                                 scales))
         weights.append([jnp.asarray(kernels[p]["kernel"], dtype)
                         for p in selectors.activity_parts(cfg)])
         del kernels
@@ -167,4 +168,5 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
                          block_slots=plan.block_slots or None,
                          io_uring=options.io_uring)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, selector=selector,
+                      row_scales=bundles.load_scales(path, manifest),
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

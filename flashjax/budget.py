@@ -119,8 +119,13 @@ def split_rows(total: int, weights, n_neurons: int, granule: int = 16) -> list[i
 
 
 def dense_bytes(manifest: Manifest, dtype) -> int:
-    """The model's size when held whole in DRAM in ``dtype``: what fractions refer to."""
-    return manifest.total_bytes * jnp.dtype(dtype).itemsize // DTYPE_BYTES[manifest.dtype]
+    """The model's size when held whole in DRAM in ``dtype``: what fractions refer to (for a
+    quantized store, that of the same model with float FFN rows, so that a fraction is the
+    same number of bytes for a model's float16, int8 and int4 stores)."""
+    cfg = manifest.config
+    values = (manifest.dram_bytes // DTYPE_BYTES[manifest.dtype]
+              + cfg.num_hidden_layers * cfg.ffn_dim * cfg.bundle_width)
+    return values * jnp.dtype(dtype).itemsize
 
 
 def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options,
@@ -160,6 +165,8 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     per_row = layers * layer_row
     slack = slack_rows(rows)  # each buffer's extra rows for padded contiguous writes
     slack_bytes = layers * slack * row_values * item
+    # a quantized store's row scales stay resident (float16) when they are not in the rows
+    resident_bytes += manifest.scale_bytes
     fixed = resident_bytes + kv + predictors + index_fixed + staging + workspace + slack_bytes
     capacities = split_rows(max(0, budget - fixed) // layer_row, weights or [1.0] * layers, n)
     need = min(n, MIN_CAPACITY)

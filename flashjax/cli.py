@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from flashjax.store.quant import FFN_DTYPES, METHODS, SCALE_PLACES
+
 
 class UsageError(ValueError):
     """Arguments that do not fit the model: printed as ``error: ...``, exit status 2."""
@@ -96,10 +98,30 @@ def cmd_convert(args) -> int:
 
     t0 = time.perf_counter()
     manifest = flashjax.convert(args.hf_dir, args.out_dir, dtype=args.dtype,
-                                activation=args.activation)
-    print(f"wrote {args.out_dir}: {manifest.dtype}, DRAM part {manifest.dram_bytes / 1e6:.1f} MB, "
+                                activation=args.activation, ffn_dtype=args.ffn_dtype,
+                                group=args.group, scales=args.scales)
+    _print_written(args.out_dir, manifest, time.perf_counter() - t0)
+    return 0
+
+
+def _print_written(out_dir, manifest, seconds: float) -> None:
+    q = manifest.quant
+    rows = f"{manifest.ffn_dtype} rows of {manifest.row_bytes} B" + (
+        f" (groups of {q.group}, scales {'in the rows' if q.scales == 'row' else 'resident'}, "
+        f"{q.method})" if q is not None else "")
+    print(f"wrote {out_dir}: {manifest.dtype}, DRAM part {manifest.dram_bytes / 1e6:.1f} MB, "
           f"flash FFN {manifest.ffn_bytes / 1e6:.1f} MB in {manifest.config.num_hidden_layers} "
-          f"layers ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+          f"layers, {rows} ({seconds:.1f} s)", file=sys.stderr)
+
+
+def cmd_quantize(args) -> int:
+    import flashjax
+
+    t0 = time.perf_counter()
+    manifest = flashjax.quantize(args.model_dir, args.out_dir, args.ffn_dtype,
+                                 method=args.method, data=args.data, tokens=args.tokens,
+                                 group=args.group, scales=args.scales)
+    _print_written(args.out_dir, manifest, time.perf_counter() - t0)
     return 0
 
 
@@ -354,9 +376,13 @@ def cmd_info(args) -> int:
           f"{cfg.num_hidden_layers} layers, width {cfg.hidden_size}, {heads}, "
           f"{cfg.ffn_dim} FFN neurons ({'/'.join(cfg.ffn_parts)}, {cfg.activation}), "
           f"vocabulary {cfg.vocab_size}, {cfg.sequence_limit}")
+    q = manifest.quant
+    where = "in the rows" if q is None or q.scales == "row" else \
+        f"resident: {manifest.scale_bytes / 1e6:.1f} MB"
+    quantized = "" if q is None else f" {q.name} ({q.method}, groups of {q.group}, scales {where})"
     print(f"  store                {manifest.dtype}, format {manifest.format_version}; DRAM part "
           f"{manifest.dram_bytes / 1e6:.1f} MB, FFN on flash {manifest.ffn_bytes / 1e6:.1f} MB "
-          f"in rows of {manifest.row_bytes} B ({manifest.row_checksum}-checked)")
+          f"in{quantized} rows of {manifest.row_bytes} B ({manifest.row_checksum}-checked)")
     if cfg.activation == "silu":
         calibration = model_dir / "calibration.json"
         if cfg.activation_thresholds is None:
@@ -536,6 +562,16 @@ def _add_text_options(p, tokens: int) -> None:
     p.add_argument("--batch", type=_POSITIVE, default=8, help="sequences per forward pass")
 
 
+def _add_quant_options(p) -> None:
+    p.add_argument("--group", type=_number(int, 2),
+                   help="values per scale (default: 128 for int8, 64 for int4, at most the "
+                        "model width)")
+    p.add_argument("--scales", choices=SCALE_PLACES,
+                   help="where the scales go: in each row (one read brings all a neuron needs) "
+                        "or resident in DRAM; default: dram when the values alone fill whole "
+                        "4 KiB blocks, else row")
+
+
 def _add_shipped_option(p) -> None:
     from flashjax.shipped import SHIPPED
 
@@ -579,7 +615,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=("relu", "drelu"),
                    help="a gated model's FFN activation: drelu is relu(gate) * relu(up) "
                         "(TurboSparse); default: the config's (relu)")
+    p.add_argument("--ffn-dtype", choices=FFN_DTYPES,
+                   help="store the FFN rows quantized (round to nearest, group-wise float16 "
+                        "scales); the DRAM part keeps --dtype. Default: --dtype")
+    _add_quant_options(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="a converted model with its FFN rows in int8 or int4, "
+                                        "as a new model directory")
+    p.add_argument("model_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--ffn-dtype", choices=FFN_DTYPES, required=True)
+    p.add_argument("--method", choices=METHODS, default="rtn",
+                   help="rtn: round to nearest; mse: per group the clipping that minimises the "
+                        "rows' output error on the activations of --data")
+    p.add_argument("--data", help="activations recorded by `flashjax collect` (for --method "
+                                  "mse)")
+    p.add_argument("--tokens", type=_number(int, 1),
+                   help="use the first this many tokens of --data (default: all)")
+    _add_quant_options(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("generate", help="generate text with a converted model")
     p.add_argument("model_dir", nargs="?",

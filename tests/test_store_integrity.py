@@ -33,8 +33,14 @@ from flashjax.testing import synthetic_hf_checkpoint, synthetic_store, tiny_llam
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    return {"opt": synthetic_store(root / "opt", tiny_opt_config()),
+    made = {"opt": synthetic_store(root / "opt", tiny_opt_config()),
             "llama": synthetic_store(root / "llama", tiny_llama_config())}
+    # quantized stores (format version 3): rows with their scales, and resident scales
+    for name, base, ffn_dtype, scales in (("opt-int4", "opt", "int4", None),
+                                          ("llama-int8", "llama", "int8", "dram")):
+        flashjax.quantize(made[base], root / name, ffn_dtype, scales=scales, progress=False)
+        made[name] = root / name
+    return made
 
 
 @pytest.fixture
@@ -82,7 +88,7 @@ def _flip_largest(model_dir, group="layer_001") -> Path:
 
 def test_manifest_records_a_crc32_per_dram_tensor(stores):
     d = _manifest(stores["opt"])
-    assert d["format_version"] == FORMAT_VERSION == 2
+    assert d["format_version"] == 2 and FORMAT_VERSION == 3  # 3: quantized rows
     assert set(d["dram_checksums"]) == {"top", "layer_000", "layer_001"}
     tree = read_dram(stores["opt"], Manifest.read(stores["opt"]))
     q = tree["layers_1"]["self_attn"]["q_proj"]["kernel"]
@@ -214,9 +220,12 @@ MANIFEST_DEFECTS = {
     "no format": (_delete("format"), StoreError, r"field 'format' is missing; expected 'flashjax'"),
     "other format": (_set(["format"], "gguf"), StoreError,
                      r"field 'format' is 'gguf' \(a string\); expected 'flashjax'"),
-    "newer version": (_set(["format_version"], 3), StoreError,
-                      r"field 'format_version' is 3 \(an integer\); expected one of \(1, 2\) "
+    "newer version": (_set(["format_version"], 4), StoreError,
+                      r"field 'format_version' is 4 \(an integer\); expected one of \(1, 2, 3\) "
                       r"\(written by a newer flashjax"),
+    "version 3 without quant": (_set(["format_version"], 3), StoreError,
+                                r"field 'layout.ffn.quant' is missing; format_version 3 is a "
+                                r"store of quantized rows"),
     "dtype int8": (_set(["dtype"], "int8"), StoreError,
                    r"field 'dtype' is 'int8' \(a string\); expected one of"),
     "dram_bytes lots": (_set(["sizes", "dram_bytes"], "lots"), StoreError,

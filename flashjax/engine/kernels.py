@@ -23,6 +23,7 @@ from flashjax.model import decoder
 from flashjax.model.bundle import output_bias, row_parts
 from flashjax.model.layers import KVCache
 from flashjax.model.sparse import sparse_ffn
+from flashjax.store.quant import decode_jax
 
 
 @struct.dataclass
@@ -77,12 +78,17 @@ def _add(acc, out):
     return out if acc is None else acc + out.astype(acc.dtype)
 
 
-def _staged_parts(rows, update: RowUpdate, neuron_bias, dtype, d_model: int):
+def _staged_parts(rows, update: RowUpdate, neuron_bias, dtype, d_model: int, quant=None,
+                  scales=None):
     """Staging rows [S, P x D] (storage dtype) -> the P parts [S, D] and the bias [S] (or
     None) in ``dtype``, and the mask of real rows [S]. Rows past the real ones are zeroed:
     they hold whatever an earlier read left, which a mask alone would not keep out of a
-    matmul if it were not finite."""
+    matmul if it were not finite. Quantized rows ([S, row bytes] uint8, ``quant`` their
+    layout) are decoded here, with the layer's resident ``scales`` [N, G] where the rows do
+    not carry theirs."""
     live = jnp.arange(rows.shape[0]) < update.count
+    if quant is not None:
+        rows = decode_jax(rows, quant, None if scales is None else scales[update.ids], dtype)
     rows = jnp.where(live[:, None], rows.astype(dtype), 0)
     parts = row_parts(rows, rows.shape[1] // d_model)
     bias = None if neuron_bias is None else neuron_bias[update.ids].astype(dtype)
@@ -98,27 +104,30 @@ def ffn_held(buf: NeuronBuffer, mask, ffn_in, acc, *, activation: str, threshold
                                 threshold=threshold))
 
 
-@functools.partial(jax.jit, static_argnames="activation")
-def ffn_staged(rows, packed, neuron_bias, ffn_in, acc, *, activation: str, threshold=None):
-    """acc + the FFN over the real rows just read (staging rows [S, P x D], ``packed`` a
-    ``RowUpdate``); rows past the count read are stale and masked."""
+@functools.partial(jax.jit, static_argnames=("activation", "quant"))
+def ffn_staged(rows, packed, neuron_bias, ffn_in, acc, *, activation: str, threshold=None,
+               scales=None, quant=None):
+    """acc + the FFN over the real rows just read (staging rows [S, P x D], or quantized
+    ones with ``quant`` and ``scales``, see ``_staged_parts``; ``packed`` a ``RowUpdate``);
+    rows past the count read are stale and masked."""
     parts, bias, live = _staged_parts(rows, RowUpdate.unpack(packed), neuron_bias,
-                                      ffn_in.dtype, ffn_in.shape[-1])
+                                      ffn_in.dtype, ffn_in.shape[-1], quant, scales)
     return _add(acc, sparse_ffn(ffn_in, parts, bias, live, activation=activation,
                                 threshold=threshold))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def update_buffer(buf: NeuronBuffer, rows, packed, neuron_bias):
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="quant")
+def update_buffer(buf: NeuronBuffer, rows, packed, neuron_bias, scales=None, *, quant=None):
     """One layer's change in one dispatch: the moves of ``packed``, then its real staged rows
     appended from its start slot (the appended slots may be slots the moves emptied). The
     buffer is donated: rebind it to the result. Also returns a scalar ready only once the new
     buffer is: the fence for the staging rows it read (the buffer itself cannot be one: the
-    next update donates it)."""
+    next update donates it). Quantized rows are decoded on the way in (``quant``,
+    ``scales``: see ``_staged_parts``): the buffer holds values."""
     u = RowUpdate.unpack(packed)
     moved = jax.tree.map(lambda x: x.at[u.holes].set(x[u.movers], mode="drop"), buf)
     new_parts, new_bias, live = _staged_parts(rows, u, neuron_bias, buf.parts[0].dtype,
-                                              buf.parts[0].shape[1])
+                                              buf.parts[0].shape[1], quant, scales)
 
     def put(old, new):  # a contiguous write of the real rows; the slots past them keep theirs
         now = jax.lax.dynamic_slice_in_dim(old, u.start, new.shape[0])
@@ -131,26 +140,27 @@ def update_buffer(buf: NeuronBuffer, rows, packed, neuron_bias):
 
 
 def compile_row_kernels(buffers, neuron_biases, staging, capacities, sizes, stream_sizes,
-                        dtype, activation, threshold=None):
+                        dtype, activation, threshold=None, scales=None, quant=None):
     """Compile the row kernels for every buffer shape and padded size (a layer of each
     distinct capacity, its update sizes ``sizes[l]``, and the streamed ``stream_sizes``), for
-    a ``threshold`` like the layers' (a device scalar or None); returns the buffers (donated
-    to the updates, which change nothing)."""
+    a ``threshold`` like the layers' (a device scalar or None) and rows of layout ``quant``
+    (``scales``: the layers' resident scales or None); returns the buffers (donated to the
+    updates, which change nothing)."""
     x = jnp.zeros((1, 1, buffers[0].parts[0].shape[1]), dtype)
     staged = set()
     for layer in sorted({capacities.index(c) for c in capacities}):
         buf, bias = buffers[layer], neuron_biases[layer]
         ffn_held(buf, np.zeros(buf.rows, bool), x, None, activation=activation,
                  threshold=threshold)
+        layer_scales = None if scales is None else scales[layer]
         for size in sizes[layer]:
             buf, _ = update_buffer(buf, staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows),
-                                   bias)
+                                   bias, layer_scales, quant=quant)
         for size in sorted((set(sizes[layer]) | set(stream_sizes)) - staged):
             packed = RowUpdate.pack(size, [], no_slot=buf.rows)
-            ffn_staged(staging[:size], packed, bias, x, None, activation=activation,
-                       threshold=threshold)
-            ffn_staged(staging[:size], packed, bias, x, x, activation=activation,
-                       threshold=threshold)
+            for acc in (None, x):
+                ffn_staged(staging[:size], packed, bias, x, acc, activation=activation,
+                           threshold=threshold, scales=layer_scales, quant=quant)
             staged.add(size)
         buffers[layer] = buf
     return jax.block_until_ready(buffers)

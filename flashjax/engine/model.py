@@ -37,7 +37,7 @@ class FlashModel(Model):
     prompt_bucket = 1  # the prompt runs a token at a time: no width to compile for
 
     def __init__(self, cfg: ModelConfig, params, *, reader: FlashReader, plan: MemoryPlan,
-                 options: EngineOptions, selector: Selector, **kw):
+                 options: EngineOptions, selector: Selector, row_scales=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader, self.memory, self.options, self.selector = reader, plan, options, selector
         self.schedule = (Overlapped if options.overlap else Sequential)(reader)
@@ -52,6 +52,11 @@ class FlashModel(Model):
         self.chunks = [min(plan.update_rows, c) for c in self.capacities]
         self.sizes = [buckets(c) if c else [] for c in self.chunks]
         self.stream_sizes = buckets(plan.update_rows)
+        # a quantized store's rows are decoded as they enter the buffers; the per-layer
+        # scales [N, G] are resident when the rows do not carry them
+        self.quant = reader.quant
+        self.row_scales = (None if row_scales is None
+                           else [jnp.asarray(s) for s in row_scales])
         self._buffers = None
         self._warm_up()
 
@@ -91,7 +96,8 @@ class FlashModel(Model):
         state = self.init_state(1, 1)
         buffers = kernels.compile_row_kernels(
             list(state.buffers), self.neuron_biases, self.reader.staging, self.capacities,
-            self.sizes, self.stream_sizes, self.dtype, self.cfg.activation, self.thresholds[0])
+            self.sizes, self.stream_sizes, self.dtype, self.cfg.activation, self.thresholds[0],
+            self.row_scales, self.quant)
         self._done(state.next_token(state.kv, buffers))
 
     # -- one token through all layers ----------------------------------------------------------
@@ -108,7 +114,9 @@ class FlashModel(Model):
                          neuron_bias=self.neuron_biases[layer], activation=self.cfg.activation,
                          chunk=self.chunks[layer], sizes=self.sizes[layer],
                          stream_chunk=self.memory.update_rows, stream_sizes=self.stream_sizes,
-                         rows=state.buffers[layer].rows, threshold=self.thresholds[layer])
+                         rows=state.buffers[layer].rows, threshold=self.thresholds[layer],
+                         quant=self.quant,
+                         scales=None if self.row_scales is None else self.row_scales[layer])
 
     def decode_step(self, state: FlashState, tokens, positions, token_valid=None):
         """One token per sequence: tokens, positions [B] -> (logits [B, V], next state)."""

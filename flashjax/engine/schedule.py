@@ -26,6 +26,7 @@ import numpy as np
 from flashjax.cache import NeuronCache, Plan, bucket_for
 from flashjax.engine.kernels import RowUpdate, ffn_held, ffn_staged, update_buffer
 from flashjax.engine.stats import Stats
+from flashjax.store.quant import Quant
 from flashjax.store.reader import FlashReader
 
 RUN_ROWS = 32  # consecutive ids from this many on are read as one byte range
@@ -65,6 +66,17 @@ class LayerWork:
     stream_sizes: list[int]
     rows: int
     threshold: jax.Array | None = None
+    quant: Quant | None = None  # the staged rows' quantization, or None
+    scales: jax.Array | None = None  # the layer's resident row scales [N, G] (scales="dram")
+
+    def update(self, buf, rows, packed):
+        """``update_buffer`` of these staged rows: (new buffer, fence)."""
+        return update_buffer(buf, rows, packed, self.neuron_bias, self.scales, quant=self.quant)
+
+    def ffn_staged(self, rows, packed, ffn_in, acc):
+        return ffn_staged(rows, packed, self.neuron_bias, ffn_in, acc,
+                          activation=self.activation, threshold=self.threshold,
+                          scales=self.scales, quant=self.quant)
 
     def needed_after(self) -> np.ndarray:
         """The slots needed by this token once the plan is applied."""
@@ -148,8 +160,8 @@ class Sequential(_Schedule):
             size = work.padded(piece)
             rows = self._read(stats, layer, piece.ids, size, streamed=False)
             with stats.phase("memory"):
-                buffers[layer], _ = update_buffer(buffers[layer], rows, work.pack(
-                    piece.ids, size, piece), work.neuron_bias)
+                buffers[layer], _ = work.update(buffers[layer], rows,
+                                                work.pack(piece.ids, size, piece))
                 jax.block_until_ready(buffers[layer])  # nothing reads the staging rows now
         needed = work.needed_after()
         if needed.size:
@@ -160,8 +172,7 @@ class Sequential(_Schedule):
         for ids, size in work.streamed():
             rows = self._read(stats, layer, ids, size, streamed=True)
             with stats.phase("compute"):
-                out = ffn_staged(rows, work.pack(ids, size), work.neuron_bias, ffn_in, out,
-                                 activation=work.activation, threshold=work.threshold)
+                out = work.ffn_staged(rows, work.pack(ids, size), ffn_in, out)
                 out.block_until_ready()
         return jnp.zeros_like(ffn_in) if out is None else out
 
@@ -175,7 +186,7 @@ class Overlapped(_Schedule):
         self.reset()
 
     def reset(self) -> None:
-        self._pending = None  # (layer, staging slot, update_buffer arguments)
+        self._pending = None  # (LayerWork, staging slot, rows, packed): an update
         self._fences = [[] for _ in range(self.reader.slots)]
 
     def _claim(self, stats: Stats) -> None:
@@ -193,16 +204,15 @@ class Overlapped(_Schedule):
 
     def flush(self, buffers: list, stats: Stats) -> None:
         if self._pending is not None:
-            layer, slot, args = self._pending
+            work, slot, rows, packed = self._pending
             self._pending = None
             with stats.phase("memory"):
-                buffers[layer], fence = update_buffer(buffers[layer], *args)
+                buffers[work.layer], fence = work.update(buffers[work.layer], rows, packed)
                 self._fences[slot].append(fence)
 
     def _ffn_new(self, stats, rows, packed, work, ffn_in, out):
         with stats.phase("compute"):
-            out = ffn_staged(rows, packed, work.neuron_bias, ffn_in, out,
-                             activation=work.activation, threshold=work.threshold)
+            out = work.ffn_staged(rows, packed, ffn_in, out)
             self.fence(out)
         return out
 
@@ -225,11 +235,10 @@ class Overlapped(_Schedule):
             if piece.ids.size:
                 out = self._ffn_new(stats, rows, packed, work, ffn_in, out)
             if defer:
-                self._pending = (layer, self.reader.slot, (rows, packed, work.neuron_bias))
+                self._pending = (work, self.reader.slot, rows, packed)
                 break
             with stats.phase("memory"):
-                buffers[layer], fence = update_buffer(buffers[layer], rows, packed,
-                                                      work.neuron_bias)
+                buffers[layer], fence = work.update(buffers[layer], rows, packed)
                 self.fence(fence)
         for ids, size in streamed:
             rows = self._read(stats, layer, ids, size, streamed=True)

@@ -165,7 +165,11 @@ def write_split(model_dir: Path, out_dir: Path | None = None, progress: bool = F
     out_dir = model_dir if out_dir is None else Path(out_dir)
     if (out_dir / SPLIT_DIR / "complete").exists():
         return out_dir
-    cfg = Manifest.read(model_dir).config
+    manifest = Manifest.read(model_dir)
+    if manifest.quant is not None:
+        raise StoreError(f"{model_dir}: the unbundled copy is written for float stores only; "
+                         f"this one holds {manifest.ffn_dtype} rows")
+    cfg = manifest.config
     n_parts = len(cfg.ffn_parts)
     context = write_context()
     for layer in tqdm(range(cfg.num_hidden_layers), desc="unbundled copy", unit="layer",
@@ -177,6 +181,50 @@ def write_split(model_dir: Path, out_dir: Path | None = None, progress: bool = F
                          context, array)
     (out_dir / SPLIT_DIR / "complete").touch()
     return out_dir
+
+
+def load_scales(model_dir: Path, manifest) -> np.ndarray | None:
+    """The resident row scales [layers, neurons, groups] float16 of a quantized store with
+    scales="dram" (checked against the manifest's crc32), else None."""
+    from flashjax.store.manifest import tensor_checksum
+    from flashjax.store.quant import SCALES_FILE
+
+    q = manifest.quant
+    if q is None or q.scales != "dram":
+        return None
+    cfg = manifest.config
+    path = Path(model_dir) / FFN_DIR / SCALES_FILE
+    shape = (cfg.num_hidden_layers, cfg.ffn_dim, q.groups)
+    wanted = f"expected the rows' float16 scales of shape {shape} ([layers, neurons, groups])"
+    try:
+        scales = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing; {wanted}") from None
+    except Exception as e:
+        raise StoreError(f"{path}: not a valid .npy file ({type(e).__name__}: {e}); "
+                         f"{wanted}") from None
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.float16 \
+            or scales.shape != shape:
+        found = (f"{scales.dtype} array of shape {scales.shape}"
+                 if isinstance(scales, np.ndarray) else type(scales).__name__)
+        raise StoreError(f"{path}: {found}; {wanted}")
+    if tensor_checksum(scales) != manifest.scales_checksum:
+        raise StoreError(f"{path}: crc32 {tensor_checksum(scales)} differs from the manifest's "
+                         f"{manifest.scales_checksum}; the scales are corrupt, reconvert the "
+                         f"model")
+    return scales
+
+
+def read_layer_values(model_dir: Path, layer: int, manifest, checksums: np.ndarray | None,
+                      scales: np.ndarray | None = None) -> np.ndarray:
+    """All bundles of one layer as values [n_neurons, bundle_width]: the stored rows, or for
+    a quantized store the rows decoded to float32 (``scales``: ``load_scales``'s)."""
+    from flashjax.store import quant
+
+    rows = read_layer(model_dir, layer, checksums)
+    if manifest.quant is None:
+        return rows
+    return quant.decode(rows, manifest.quant, None if scales is None else scales[layer])
 
 
 def read_layer(model_dir: Path, layer: int, checksums: np.ndarray | None = None,

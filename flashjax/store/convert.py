@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from flashjax.config import ConfigError, LlamaConfig, ModelConfig, OPTConfig
-from flashjax.store import bundles
+from flashjax.store import bundles, quant
 from flashjax.store.hf import CheckpointError, HFCheckpoint
 from flashjax.store.manifest import DRAM_DIR, DTYPES, Manifest, dram_groups, tensor_checksum
 
@@ -182,8 +182,64 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+class FFNWriter:
+    """Writes a new store's FFN layer by layer: the rows as they are, or quantized
+    (``q``, with per-layer ``mse`` weights from ``feature_sq`` [layers, D]); then the row
+    checksums and, for scales="dram", the scales."""
+
+    def __init__(self, out: Path, cfg: ModelConfig, q: quant.Quant | None = None,
+                 feature_sq: np.ndarray | None = None):
+        self.out, self.cfg, self.q, self.feature_sq = out, cfg, q, feature_sq
+        self.checksums = np.zeros((cfg.num_hidden_layers, cfg.ffn_dim), np.uint32)
+        self.scales = (np.zeros((cfg.num_hidden_layers, cfg.ffn_dim, q.groups), np.float16)
+                       if q is not None and q.scales == "dram" else None)
+        self.context = bundles.write_context()
+        (out / bundles.FFN_DIR).mkdir()
+
+    def layer(self, layer: int, rows: np.ndarray) -> None:
+        if self.q is not None:
+            weights = None if self.feature_sq is None else \
+                quant.input_weights(self.cfg, self.feature_sq[layer])
+            rows, scales = quant.encode(rows, self.q, weights)
+            if self.scales is not None:
+                self.scales[layer] = scales
+        with _sigint_deferred():
+            bundles.create_layer(self.out, layer, rows, self.context)
+        self.checksums[layer] = bundles.row_checksums(rows)
+
+    def finish(self) -> dict:
+        """Write the checksums (and scales); the manifest fields they imply."""
+        np.save(self.out / bundles.FFN_DIR / bundles.CHECKSUM_FILE, self.checksums)
+        if self.q is None:
+            return {}
+        crc = None
+        if self.scales is not None:
+            np.save(self.out / bundles.FFN_DIR / quant.SCALES_FILE, self.scales)
+            crc = tensor_checksum(self.scales)
+        return {"quant": self.q, "scales_checksum": crc}
+
+
+def quant_layout(cfg: ModelConfig, ffn_dtype: str | None, *, group: int | None = None,
+                 scales: str | None = None, method: str = "rtn",
+                 feature_sq: np.ndarray | None = None) -> quant.Quant | None:
+    """The quantization of a store's rows for ``ffn_dtype`` (None or a float dtype: none);
+    ``method`` "mse" needs ``feature_sq``."""
+    if ffn_dtype is None or ffn_dtype in DTYPES:
+        if group is not None or scales is not None or method != "rtn":
+            raise ValueError("group, scales and method apply to an int8 or int4 ffn_dtype only")
+        return None
+    if method == "mse" and feature_sq is None:
+        raise ValueError("method 'mse' weights the rounding error by the FFN inputs' mean "
+                         "squares: give calibration data (`flashjax collect` output)")
+    if method == "rtn" and feature_sq is not None:
+        raise ValueError("calibration data is used by method 'mse' only")
+    return quant.Quant.for_model(ffn_dtype, cfg, group=group, scales=scales, method=method)
+
+
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
-            progress: bool = True, activation: str | None = None) -> Manifest:
+            progress: bool = True, activation: str | None = None, *,
+            ffn_dtype: str | None = None, group: int | None = None,
+            scales: str | None = None) -> Manifest:
     """Convert the Hugging Face checkpoint in ``hf_dir`` (OPT, or Llama, Mistral or Qwen2
     with ReLU) into ``out_dir``.
 
@@ -191,6 +247,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     checkpoint's own. ``activation`` "drelu" marks a gated model whose FFN is
     relu(gate) * relu(up) (TurboSparse; its config cannot say so in a form transformers
     reads); by default the config's. ``out_dir`` must not exist.
+
+    ``ffn_dtype`` "int8" or "int4" stores the FFN rows quantized, round to nearest (see
+    ``flashjax.store.quant``; ``group`` values per scale, ``scales`` "row" or "dram"); the
+    DRAM part keeps ``dtype``. ``flashjax.quantize`` requantizes a converted store, also with
+    scales fitted to calibration data.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if out_dir.exists():
@@ -214,6 +275,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     _check(ckpt, cfg, prefix, table)
     dtype = dtype or _source_dtype(ckpt, prefix)
     np_dtype = NP_DTYPES[dtype]
+    q = quant_layout(cfg, ffn_dtype, group=group, scales=scales)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir.parent)
@@ -222,9 +284,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        checksums = np.zeros((cfg.num_hidden_layers, cfg.ffn_dim), np.uint32)
-        context = bundles.write_context()
-        (tmp / bundles.FFN_DIR).mkdir()
+        ffn = FFNWriter(tmp, cfg, q)
         dram_bytes = 0
         dram_checksums: dict[str, dict[str, int]] = {}
         # One orbax checkpoint per DRAM group (orbax copies a tree while saving it, so saving
@@ -244,12 +304,10 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
             if group != "top":
                 layer = int(group.split("_")[1])
                 rows = bundle_rows(*(ckpt.get(k) for k in ffn_keys(cfg, prefix, layer)))
-                rows = rows.astype(np_dtype, copy=False)
-                with _sigint_deferred():
-                    bundles.create_layer(tmp, layer, rows, context)
-                checksums[layer] = bundles.row_checksums(rows)
+                # (quantized from the checkpoint's own values, not from dtype's rounding)
+                ffn.layer(layer, rows if q is not None else rows.astype(np_dtype, copy=False))
                 del rows
-        np.save(tmp / bundles.FFN_DIR / bundles.CHECKSUM_FILE, checksums)
+        quant_fields = ffn.finish()
         tokenizer = None
         for name in TOKENIZER_FILES:
             if (hf_dir / name).exists():
@@ -263,7 +321,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
         manifest = Manifest(config=cfg, dtype=dtype, dram_bytes=dram_bytes, tokenizer=tokenizer,
                             source={"path": str(hf_dir.absolute()),
                                     "files": sorted({p.name for p in ckpt.files.values()})},
-                            dram_checksums=dram_checksums)
+                            dram_checksums=dram_checksums, **quant_fields)
         checkpointer.close()
         manifest.write(tmp)  # written last: a directory without it never loads
         _publish(tmp, out_dir)

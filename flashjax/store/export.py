@@ -97,6 +97,11 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | No
     prefix = PREFIXES[cfg.family]
     table = dram_table(cfg, prefix)
     checksums = bundles.load_checksums(model_dir)
+    scales = bundles.load_scales(model_dir, manifest)
+    if manifest.quant is not None:
+        log.warning("%s: the FFN rows are %s; exporting them dequantized to %s (the "
+                    "quantization error stays in the weights)", model_dir, manifest.ffn_dtype,
+                    dtype)
     _warn_drelu(cfg, out_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +125,8 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | No
                        for e in table if dram_group(e.path) == group}
             if group != "top":
                 layer = int(group.split("_")[1])
-                ffn = rows_to_kernels(cfg, bundles.read_layer(model_dir, layer, checksums))
+                ffn = rows_to_kernels(cfg, bundles.read_layer_values(model_dir, layer, manifest,
+                                                                     checksums, scales))
                 for part, key in zip(cfg.ffn_parts, ffn_keys(cfg, prefix, layer)):
                     tensors[key] = ffn[part]["kernel"].T  # torch Linear [out, in]
             for key, w in tensors.items():

@@ -149,13 +149,15 @@ def split_bundles(rows: np.ndarray, d_model: int) -> tuple[np.ndarray, np.ndarra
 
 def read_dense_ffn(model_dir: str | Path, manifest: Manifest, progress: bool = True,
                    dtype=None) -> list[dict]:
-    """Every layer's FFN kernels ({part: {"kernel"}}) rebuilt from its bundles, crc32-checked."""
+    """Every layer's FFN kernels ({part: {"kernel"}}) rebuilt from its bundles, crc32-checked
+    (a quantized store's dequantized, in float32 unless ``dtype``)."""
     cfg = manifest.config
     checksums = bundles.load_checksums(model_dir, (cfg.num_hidden_layers, cfg.ffn_dim))
+    scales = bundles.load_scales(model_dir, manifest)
     out = []
     for layer in tqdm(range(cfg.num_hidden_layers), desc="read FFN", unit="layer",
                       disable=not progress):
-        rows = bundles.read_layer(model_dir, layer, checksums)
+        rows = bundles.read_layer_values(model_dir, layer, manifest, checksums, scales)
         if dtype is not None:
             rows = rows.astype(dtype)
         out.append(rows_to_kernels(cfg, rows))

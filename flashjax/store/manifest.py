@@ -2,7 +2,8 @@
 
 Format version 2 adds ``dram_checksums``: the crc32 of every DRAM tensor's stored bytes (storage
 dtype, C order), by DRAM group and "/"-joined parameter path. Version 1 manifests (without
-them) are still read; their DRAM part cannot be checked.
+them) are still read; their DRAM part cannot be checked. Version 3 is a store whose FFN rows
+are quantized (``layout.ffn.quant``, see ``flashjax.store.quant``); float stores stay version 2.
 
 ``Manifest.read`` checks every field it uses, and that the sizes agree with the config and
 dtype; each error names the manifest file, the field, what was expected and what was found.
@@ -22,10 +23,11 @@ import numpy as np
 
 from flashjax.config import ConfigError, ModelConfig
 from flashjax.store.bundles import CHECKSUM_FILE, FFN_DIR, ROW_CHECKSUMS, StoreError
+from flashjax.store.quant import FFN_DTYPES, METHODS, SCALE_PLACES, Quant, QuantError
 
 FORMAT = "flashjax"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # version 1: no dram_checksums
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # version 1: no dram_checksums; 3: quantized FFN rows
 MANIFEST = "manifest.json"
 DRAM_DIR = "dram"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -58,10 +60,29 @@ class Manifest:
     # the checksum of each bundle row in ffn/crc32.npy: "crc32c" (hardware-accelerated), or
     # "crc32" in stores written before it was
     row_checksum: str = "crc32c"
+    # the FFN rows' quantization (int8/int4 values, group-wise scales), or None: rows in dtype
+    quant: Quant | None = None
+    # crc32 (tensor_checksum) of ffn/scales.npy, for quant.scales == "dram"
+    scales_checksum: int | None = None
+
+    @property
+    def ffn_dtype(self) -> str:
+        """What the flash rows hold: the storage dtype, or "int8"/"int4"."""
+        return self.dtype if self.quant is None else self.quant.name
 
     @property
     def row_bytes(self) -> int:
+        if self.quant is not None:
+            return self.quant.row_bytes
         return self.config.bundle_width * DTYPE_BYTES[self.dtype]
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes of the resident row scales (quant.scales == "dram"), else 0."""
+        if self.quant is None:
+            return 0
+        cfg = self.config
+        return cfg.num_hidden_layers * cfg.ffn_dim * self.quant.scale_bytes_per_row
 
     @property
     def ffn_bytes_per_layer(self) -> int:
@@ -73,11 +94,13 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        return self.dram_bytes + self.ffn_bytes
+        return self.dram_bytes + self.ffn_bytes + self.scale_bytes
 
     @property
     def format_version(self) -> int:
-        return 1 if self.dram_checksums is None else FORMAT_VERSION
+        if self.dram_checksums is None:
+            return 1
+        return FORMAT_VERSION if self.quant is not None else 2
 
     def to_json(self) -> dict[str, Any]:
         cfg = self.config
@@ -108,6 +131,13 @@ class Manifest:
         }
         if self.dram_checksums is not None:
             d["dram_checksums"] = self.dram_checksums
+        if self.quant is not None:
+            ffn = d["layout"]["ffn"]
+            ffn["dtype"] = self.quant.name
+            ffn["quant"] = self.quant.to_json()
+            if self.scales_checksum is not None:
+                ffn["quant"]["scales_crc32"] = self.scales_checksum
+            d["sizes"]["scale_bytes"] = self.scale_bytes
         return d
 
     def write(self, model_dir: Path) -> None:
@@ -152,7 +182,8 @@ class Manifest:
                                "row_checksum", f"one of {ROW_CHECKSUMS}",
                                lambda v: isinstance(v, str) and v in ROW_CHECKSUMS,
                                field="layout.ffn.row_checksum",
-                               default="crc32"))
+                               default="crc32"),
+            **_quant(f, d, cfg, version))
         _check_sizes(f, d, manifest, template)
         if check_files:
             problems = manifest.file_problems(model_dir)
@@ -309,6 +340,42 @@ def _dram_checksums(f: _Fields, d: dict, cfg: ModelConfig, template) -> dict[str
     return out
 
 
+def _quant(f: _Fields, d: dict, cfg: ModelConfig, version: int) -> dict:
+    """The ``quant`` and ``scales_checksum`` fields of a manifest (version 3 only)."""
+    ffn = f.obj(f.obj(d, "layout"), "ffn", field="layout.ffn")
+    if "quant" not in ffn:
+        if version == 3:
+            raise StoreError(f"{f.path}: field 'layout.ffn.quant' is missing; format_version 3 "
+                             f"is a store of quantized rows")
+        return {}
+    field = "layout.ffn.quant"
+    q = f.obj(ffn, "quant", field=field)
+    bits = f.get(q, "bits", "8 or 4", lambda v: v in (8, 4), field=f"{field}.bits")
+    group = f.get(q, "group", "a positive integer", lambda v: _is_count(v) and v > 0,
+                  field=f"{field}.group")
+    scales = f.get(q, "scales", f"one of {SCALE_PLACES}", lambda v: v in SCALE_PLACES,
+                   field=f"{field}.scales")
+    method = f.get(q, "method", f"one of {METHODS}", lambda v: v in METHODS,
+                   field=f"{field}.method", default="rtn")
+    f.get(q, "scale_dtype", "'float16'", lambda v: v == "float16", field=f"{field}.scale_dtype",
+          default="float16")
+    try:
+        quant = Quant(bits=bits, group=group, width=cfg.bundle_width, scales=scales,
+                      method=method)
+    except QuantError as e:
+        raise StoreError(f"{f.path}: field {field!r}: {e}") from None
+    f.get(ffn, "dtype", f"{quant.name!r} ({bits} bits; one of {FFN_DTYPES})",
+          lambda v: v == quant.name, field="layout.ffn.dtype", default=quant.name)
+    crc = None
+    if scales == "dram":
+        crc = f.get(q, "scales_crc32", "a crc32 (an integer in [0, 2**32))",
+                    lambda v: _is_count(v) and v < 1 << 32, field=f"{field}.scales_crc32")
+    for key, value in (("value_bytes", quant.value_bytes), ("row_bytes", quant.row_bytes)):
+        f.get(q, key, f"{value} (from bits, group and the bundle width {cfg.bundle_width})",
+              lambda v, value=value: v == value, field=f"{field}.{key}", default=value)
+    return {"quant": quant, "scales_checksum": crc}
+
+
 def _check_sizes(f: _Fields, d: dict, m: Manifest, template) -> None:
     """The recorded sizes and layout against those the config and dtype imply."""
     cfg, itemsize = m.config, DTYPE_BYTES[m.dtype]
@@ -321,10 +388,11 @@ def _check_sizes(f: _Fields, d: dict, m: Manifest, template) -> None:
         "sizes.total_bytes": None,  # from the recorded dram_bytes, once that is checked
         "layout.ffn.row_bytes": m.row_bytes,
     }
-    wanted["sizes.total_bytes"] = wanted["sizes.dram_bytes"] + m.ffn_bytes
+    wanted["sizes.total_bytes"] = wanted["sizes.dram_bytes"] + m.ffn_bytes + m.scale_bytes
     why = {"sizes.dram_bytes": f"the DRAM tensors of the config in {m.dtype}",
            "layout.ffn.row_bytes": f"bundle width {cfg.bundle_width} x {itemsize} bytes "
-                                   f"({m.dtype})"}
+                                   f"({m.dtype})" if m.quant is None else
+                                   f"{m.quant.name} rows of {cfg.bundle_width} values"}
     ffn = f.obj(f.obj(d, "layout"), "ffn", field="layout.ffn")
     sizes = d["sizes"]
     for field, value in wanted.items():

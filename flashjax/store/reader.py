@@ -143,6 +143,7 @@ class FlashReader:
         # the unbundled copy (bundles.write_split): in the model dir unless written elsewhere
         self.split_root = Path(unbundled_dir) if unbundled_dir is not None else self.model_dir
         self.row_bytes = manifest.row_bytes
+        self.quant = manifest.quant  # the rows' quantization (staged as bytes), or None
         self.direct_io = direct_io
         self.verify = verify
         context = {
@@ -155,6 +156,9 @@ class FlashReader:
         if direct_io:
             context["file_io_mode"] = {"mode": "direct"}
         self.context = ts.Context(context)
+        if manifest.quant is not None and not bundled:
+            raise ValueError(f"{model_dir}: a store of {manifest.ffn_dtype} rows is read bundled "
+                             f"only (its unbundled copy is not written)")
         self.bundled = bundled
         self.d_model = cfg.hidden_size
         self.n_parts = len(cfg.ffn_parts)
@@ -164,14 +168,16 @@ class FlashReader:
             self.stores = [[self._open(layer, a) for a in bundles.split_arrays(layer, self.n_parts)]
                            for layer in range(cfg.num_hidden_layers)]
         self.checksums = bundles.load_checksums(model_dir) if verify else None
-        # page-aligned, with room to round a run up to whole blocks
+        # page-aligned, with room to round a run up to whole blocks; quantized rows are staged
+        # as their bytes (the update kernels decode them)
         staging_bytes = max_rows * self.row_bytes
+        row_dtype, row_width = ((NP_DTYPES[manifest.dtype], cfg.bundle_width)
+                                if manifest.quant is None else (np.dtype(np.uint8), self.row_bytes))
         self._ring = []  # (memory, writable view, array, TensorStore view of the array)
         for _ in range(slots):
             mem, view = _aligned(staging_bytes + 2 * ALIGN)
-            array = np.frombuffer(mem, NP_DTYPES[manifest.dtype],
-                                  count=max_rows * cfg.bundle_width).reshape(
-                                      max_rows, cfg.bundle_width)
+            array = np.frombuffer(mem, row_dtype, count=max_rows * row_width).reshape(
+                max_rows, row_width)
             self._ring.append((mem, view, array, ts.array(array, copy=False, write=True)))
         self.slot = 0
         self._select(0)

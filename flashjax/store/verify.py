@@ -64,7 +64,13 @@ def verify(model_dir: str | Path, progress: bool = True) -> str:
                         f"(num_hidden_layers in {model_dir / MANIFEST})"
                         + (f"; missing {missing[:5]}" if missing else "")
                         + (f"; unexpected {extra[:5]}" if extra else ""))
-    width = (cfg.ffn_dim, cfg.bundle_width)
+    width = (cfg.ffn_dim, cfg.bundle_width if manifest.quant is None else manifest.row_bytes)
+    row_dtype = manifest.dtype if manifest.quant is None else "uint8"
+    if manifest.quant is not None:
+        try:
+            bundles.load_scales(model_dir, manifest)
+        except bundles.StoreError as e:
+            problems.append(str(e))
     for layer in tqdm(range(cfg.num_hidden_layers), desc="verify FFN", unit="layer",
                       disable=not progress):
         if layers[layer] in missing:
@@ -78,8 +84,9 @@ def verify(model_dir: str | Path, progress: bool = True) -> str:
         wrong = []
         if tuple(store.shape) != width:
             wrong.append(f"shape {tuple(store.shape)}, expected {width} (ffn_dim, bundle width)")
-        if store.dtype.name != manifest.dtype:
-            wrong.append(f"dtype {store.dtype.name}, expected {manifest.dtype} (the manifest's)")
+        if store.dtype.name != row_dtype:
+            wrong.append(f"dtype {store.dtype.name}, expected {row_dtype} (the manifest's "
+                         f"{manifest.ffn_dtype} rows)")
         if wrong:
             problems.append(f"{where}: " + "; ".join(wrong))
             continue
@@ -100,4 +107,6 @@ def verify(model_dir: str | Path, progress: bool = True) -> str:
     dram_note = "DRAM crc32-checked" if manifest.dram_checksums is not None else \
         "DRAM part not checked (format version 1 manifest: reconvert to add its checksums)"
     return (f"{model_dir}: OK ({cfg.num_hidden_layers} layers x {cfg.ffn_dim} bundles, "
-            f"{manifest.total_bytes / 1e6:.1f} MB, {manifest.dtype}; {dram_note})")
+            f"{manifest.total_bytes / 1e6:.1f} MB, {manifest.dtype}"
+            + (f", {manifest.ffn_dtype} FFN rows" if manifest.quant is not None else "")
+            + f"; {dram_note})")

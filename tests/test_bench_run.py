@@ -157,3 +157,24 @@ def test_bench_puts_each_layout_against_its_own_files(tmp_path):
         assert r["device_fraction_same_batches"] == pytest.approx(
             r["storage_gbps"] / same["gb_s"]), name
     assert "device_same_batches" not in result["configs"]["naive"]
+
+
+def test_bench_on_a_quantized_store(tmp_path, capsys):
+    """An int4 store benches like a float one, its rows a quarter-ish of the bytes; the
+    unbundled configuration (float stores only) is reported as not run."""
+    import flashjax
+
+    cfg = tiny_opt_config(hidden_size=64, ffn_dim=2048, num_hidden_layers=2)
+    synthetic_store(tmp_path, cfg, ffn_active=0.05)
+    flashjax.quantize(tmp_path / "fj", tmp_path / "q", "int4", progress=False)
+    assert main(["bench", str(tmp_path / "q"), "--dram-budget", "40%", "--tokens", "4",
+                 "--windows", "1,4", "--no-device-limit", "--json",
+                 str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "int4 FFN rows" in out
+    assert "not run: predictor+window unbundled (an int4 store is read bundled only)" in out
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["row_bytes"] == 80 and result["ffn_dtype"] == "int4"  # 64 B + 8 B scales
+    configs = result["configs"]
+    assert "predictor+window unbundled" not in configs
+    assert configs["naive"]["flash_bytes_per_token"] == 2 * 2048 * 80

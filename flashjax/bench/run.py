@@ -335,6 +335,11 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
             raise ValueError(f"unknown configuration(s) {sorted(unknown)}; choose from "
                              f"{[*configs, *peers_names(peers)]}")
         configs = {n: o for n, o in configs.items() if n in only or n == "naive"}
+    skipped = {}
+    if manifest.quant is not None:  # the unbundled copy is written for float stores only
+        skipped = {n: f"an {manifest.ffn_dtype} store is read bundled only"
+                   for n, o in configs.items() if not o.get("bundled", True)}
+        configs = {n: o for n, o in configs.items() if n not in skipped}
     unbundled = any(not o.get("bundled", True) for o in configs.values())
     result = {"model": str(model_dir), "dram_budget": dram_budget, "tokens": tokens,
               "budget_bytes": budget_bytes, "row_bytes": manifest.row_bytes,
@@ -343,6 +348,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
               "worker_env": WORKER_ENV if isolate else None,
               "store_bytes": stored_bytes(*(p for p in model_dir.iterdir()
                                             if p.name != bundles.SPLIT_DIR)),
+              "ffn_dtype": manifest.ffn_dtype, "skipped": skipped,
               "configs": {}}
     if peers is not None:
         result["peers_checkpoint"] = str(peers)
@@ -597,8 +603,9 @@ def format_table(result: dict) -> str:
     """The paper's latency table: one row per configuration."""
     head = (f"{'configuration':<30}{'I/O':>8}{'memory':>8}{'predict':>8}{'compute':>9}"
             f"{'total':>9}{'flash MB':>10}{'GB/s':>7}{'speedup':>9}")
+    dtype = result.get("ffn_dtype")
     lines = [f"ms per generated token (the median token's phases), DRAM budget "
-             f"{result['dram_budget']}", head]
+             f"{result['dram_budget']}" + (f", {dtype} FFN rows" if dtype else ""), head]
     for name, r in _ours(result).items():
         lines.append(f"{name:<30}{r['io_ms']:>8.1f}{r['memory_ms']:>8.1f}"
                      f"{r['predictor_ms']:>8.1f}{r['compute_ms']:>9.1f}{r['ms_per_token']:>9.1f}"
@@ -607,6 +614,8 @@ def format_table(result: dict) -> str:
     lines.append("storage bytes / flash bytes per configuration: " + ", ".join(
         f"{n} {r['storage_bytes_read'] / max(r['flash_bytes_read'], 1):.2f}"
         for n, r in _ours(result).items() if r["storage_bytes_read"] is not None))
+    for name, why in result.get("skipped", {}).items():
+        lines.append(f"not run: {name} ({why})")
     if "device_limit" in result:
         limit = result["device_limit"]
         lines.append(f"device limit at the bundle size ({result['row_bytes']} B, 32 threads), "

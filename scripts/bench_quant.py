@@ -7,7 +7,8 @@ the reads' fraction of the device's rate at their row size.
 The stores are ``flashjax quantize`` outputs of the first (a float16 store), all given the
 same DRAM budget in bytes (a fraction refers to the float model, whichever store). Each round
 runs predictor+window (the trace's row sets, window 4) on every store in turn, so drift in the
-storage's rate falls on all of them alike; right after each run the device's rate for batches
+storage's rate falls on all of them alike (ratios to the first store are taken per round, then
+their median); right after each run the device's rate for batches
 of that run's own size (row bytes rounded to blocks, its median rows per read, its reader
 threads) is measured on the store's shard files, and once per session the random-read sweep
 (4 KiB..1 MiB x 1..64 in flight). Naive streaming (every row, every token) runs once per store.
@@ -93,10 +94,14 @@ def main() -> None:
         rows[name] = {"store": str(store), "row_bytes": m.row_bytes,
                       "resident_scale_bytes": m.scale_bytes, "ffn_bytes": m.ffn_bytes,
                       "median": med, "runs": runs[name], "naive": naive[name]}
-    first = rows[names[0]]["median"]
-    for r in rows.values():
-        r["ms_vs_first"] = r["median"]["ms_per_token"] / first["ms_per_token"]
-        r["io_vs_first"] = r["median"]["io_ms"] / first["io_ms"] if first["io_ms"] else None
+    # per round against the first store's run of the same round (the storage's rate drifts
+    # between rounds; within one they run back to back), then the median of those ratios
+    first = runs[names[0]]
+    for name, r in rows.items():
+        for key, out_key in (("ms_per_token", "ms_vs_first"), ("io_ms", "io_vs_first")):
+            ratios = [a[key] / b[key] for a, b in zip(runs[name], first) if b[key]]
+            r[out_key] = float(np.median(ratios)) if ratios else None
+            r[out_key + "_range"] = [float(min(ratios)), float(max(ratios))] if ratios else None
     command = "python scripts/bench_quant.py " + " ".join(args.stores) + " " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "stores")
     result = {"command": command, "budget_bytes": budget, "dram_budget": args.dram_budget,
@@ -105,14 +110,16 @@ def main() -> None:
     lines = [f"Budget {budget / 1e9:.2f} GB ({args.dram_budget} of the float model), "
              f"predictor+window (trace, window {args.window}), median of {args.rounds} rounds "
              f"x {args.tokens} tokens; naive: {args.naive_tokens} tokens.", "",
-             "| store | row B | ms/token | I/O ms | vs first | MB/token (rows) | MB/token "
-             "(storage) | GB/s | device GB/s same pattern | fraction | same batches | "
-             "naive ms/token |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| store | row B | ms/token | I/O ms | ms/token vs first (range) | I/O vs first "
+             "(range) | MB/token (rows) | MB/token (storage) | GB/s | device GB/s same pattern | "
+             "fraction | same batches | naive ms/token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         md = r["median"]
         lines.append(
             f"| {name} | {r['row_bytes']} | {md['ms_per_token']:.1f} | {md['io_ms']:.1f} | "
-            f"{r['ms_vs_first']:.2f}x | {md['flash_bytes_per_token'] / 1e6:.2f} | "
+            f"{_ratio(r, 'ms_vs_first')} | {_ratio(r, 'io_vs_first')} | "
+            f"{md['flash_bytes_per_token'] / 1e6:.2f} | "
             f"{md.get('storage_bytes_per_token', 0) / 1e6:.2f} | {md['storage_gbps']:.2f} | "
             f"{md['device_gbps_same_pattern']:.2f} | {md['device_fraction']:.2f} | "
             f"{md.get('device_fraction_same_batches', float('nan')):.2f} | "
@@ -120,6 +127,13 @@ def main() -> None:
     (out / "quant.md").write_text("\n".join(lines) + f"\n\n`{command}`\n")
     print("\n".join(lines))
     plot(rows, out / "quant.png")
+
+
+def _ratio(r: dict, key: str) -> str:
+    if r[key] is None:
+        return "-"
+    low, high = r[key + "_range"]
+    return f"{r[key]:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def plot(rows: dict, path: Path) -> None:

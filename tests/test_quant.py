@@ -59,12 +59,16 @@ def test_round_trip_is_within_half_a_step_per_group(bits, scales):
 
 
 def test_int4_nibble_order():
-    """Value 2k in the low nibble, 2k + 1 in the high one, each stored as q + 8."""
-    q = quant.Quant(bits=4, group=4, width=4, scales="dram")
+    """Byte j: value j in the low nibble, value j + width/2 in the high one, as q + 8."""
+    q = quant.Quant(bits=4, group=2, width=4, scales="dram")
     ints = np.array([[-8, 7, 0, -1]], np.int8)
-    rows = quant.pack(ints, q, np.ones((1, 1), np.float16))
-    assert rows[0, :2].tolist() == [(-8 + 8) | ((7 + 8) << 4), (0 + 8) | ((-1 + 8) << 4)]
+    rows = quant.pack(ints, q, np.ones((1, 2), np.float16))
+    assert rows[0, :2].tolist() == [(-8 + 8) | ((0 + 8) << 4), (7 + 8) | ((-1 + 8) << 4)]
     np.testing.assert_array_equal(quant.unpack(rows, q), ints)
+    with pytest.raises(quant.QuantError, match="must divide half the row width"):
+        quant.Quant(bits=4, group=4, width=4)
+    gated = ModelConfig.from_hf_config(tiny_llama_config(hidden_size=64))  # half row: 96
+    assert quant.Quant.for_model("int4", gated).group == 32
 
 
 @pytest.mark.parametrize("bits", [8, 4])

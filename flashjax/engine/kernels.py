@@ -23,7 +23,7 @@ from flashjax.model import decoder
 from flashjax.model.bundle import output_bias, row_parts
 from flashjax.model.layers import KVCache
 from flashjax.model.sparse import sparse_ffn
-from flashjax.store.quant import decode_jax
+from flashjax.store.quant import decode_parts_jax
 
 
 @struct.dataclass
@@ -87,10 +87,12 @@ def _staged_parts(rows, update: RowUpdate, neuron_bias, dtype, d_model: int, qua
     layout) are decoded here, with the layer's resident ``scales`` [N, G] where the rows do
     not carry theirs."""
     live = jnp.arange(rows.shape[0]) < update.count
-    if quant is not None:
-        rows = decode_jax(rows, quant, None if scales is None else scales[update.ids], dtype)
-    rows = jnp.where(live[:, None], rows.astype(dtype), 0)
-    parts = row_parts(rows, rows.shape[1] // d_model)
+    if quant is None:
+        parts = row_parts(rows.astype(dtype), rows.shape[1] // d_model)
+    else:
+        parts = decode_parts_jax(rows, quant, quant.width // d_model,
+                                 None if scales is None else scales[update.ids], dtype)
+    parts = tuple(jnp.where(live[:, None], p, 0) for p in parts)
     bias = None if neuron_bias is None else neuron_bias[update.ids].astype(dtype)
     return parts, bias, live
 

@@ -74,6 +74,7 @@ class LayerWork:
         return update_buffer(buf, rows, packed, self.neuron_bias, self.scales, quant=self.quant)
 
     def ffn_staged(self, rows, packed, ffn_in, acc):
+        """``ffn_staged`` over these staged rows: acc + their FFN."""
         return ffn_staged(rows, packed, self.neuron_bias, ffn_in, acc,
                           activation=self.activation, threshold=self.threshold,
                           scales=self.scales, quant=self.quant)

@@ -55,6 +55,19 @@ python scripts/profile_memory.py "$SHIPPED" > "$OUT/profile_memory-shipped.txt"
 { for n in 1000000 4; do python scripts/reader_overhead.py "$SHIPPED" --rows 24,39,64 --reps 200 --submit-every $n; done
   for n in 1000000 4; do python scripts/reader_overhead.py "$WORK/opt-6.7b/fj" --rows 128,375 --reps 30 --submit-every $n; done
 } > "$OUT/reader_overhead-submit.txt"
+# quantized FFN rows: quality on the shipped model, the OPT-6.7B-shape stores in one session,
+# and where rows are decoded
+python scripts/quant_quality.py --heldout "$HELDOUT" --train "${TRAIN:-data/corpus/train.txt}" \
+    --tokens 4096 --out "$OUT/quant"
+for q in "int8 fj-int8" "int4 fj-int4" "int4 fj-int4-row --scales row"; do
+    set -- $q
+    [ -f "$WORK/opt-6.7b/$2/manifest.json" ] || \
+        flashjax quantize "$WORK/opt-6.7b/fj" "$WORK/opt-6.7b/$2" --ffn-dtype "$1" "${@:3}"
+done
+python scripts/bench_quant.py "$WORK/opt-6.7b/fj" "$WORK/opt-6.7b/fj-int8" "$WORK/opt-6.7b/fj-int4" \
+    "$WORK/opt-6.7b/fj-int4-row" --trace "$WORK/trace-opt-6.7b.npz" --dram-budget 50% --tokens 6 \
+    --rounds 4 --naive-tokens 2 --out "$OUT/quant-opt-6.7b"
+python scripts/dequant_cost.py --rows 32,128,375,1024 --reps 20 > "$OUT/quant-decode.txt"
 # against the peers, each configuration in its own memory cgroup (needs the peers extra and a
 # writable cgroup tree; tables and plots land in data/peers-*, docs/bench/peers-* hold copies)
 PEERS="--prompt-tokens 2 --tokens 6 --no-device-limit"

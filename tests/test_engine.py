@@ -376,8 +376,10 @@ def test_peak_dram_accounting_matches_rss(rss_model):
 
     base, low, high = probe("none"), probe("0.3"), probe("1.0")
     d_peak, d_rss = high["peak"] - low["peak"], high["hwm"] - low["hwm"]
-    assert d_peak > 100 * 2**20  # measured: 112 MB accounted, 98-119 MB of RSS
-    assert 0.75 * d_peak <= d_rss <= 1.25 * d_peak
+    # measured: 118 MB accounted, 85-122 MB of RSS over runs (RSS counts the pages of the
+    # zeroed buffers only once the kernels touch them): accounting may be generous, never short
+    assert d_peak > 100 * 2**20
+    assert 0.65 * d_peak <= d_rss <= 1.25 * d_peak
     # On top of the model's arrays come the runtime's: compiled kernels, orbax/TensorStore
     # restore buffers and allocator slack, measured ~115 MB here for this model
     assert high["hwm"] - base["hwm"] <= high["peak"] + 192 * 2**20

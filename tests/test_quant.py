@@ -294,3 +294,14 @@ def test_cli_convert_and_info(stores, tmp_path, capsys):
     assert "int8 rows of 144 B (groups of 32, scales in the rows, rtn)" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "q")]) == 0
     assert "int8 (rtn, groups of 32, scales in the rows) rows of 144 B" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("reads", [{"io_uring": False}, {"direct_io": False}])
+def test_quantized_rows_through_every_read_path(stores, reads):
+    """TensorStore's reads (no io_uring) and page-cache reads bring the same quantized rows."""
+    path = stores["int8", "dram"]
+    dense = flashjax.load(path, progress=False)
+    flash = flashjax.load(path, dram_budget=0.4, predictor="oracle", window=2, **reads)
+    assert not flash.reader.uses_io_uring
+    assert flash.generate(PROMPT, 6, stop_at_eos=False) == \
+        dense.generate(PROMPT, 6, stop_at_eos=False)

@@ -222,9 +222,9 @@ class FFNWriter:
 def quant_layout(cfg: ModelConfig, ffn_dtype: str | None, *, group: int | None = None,
                  scales: str | None = None, method: str = "rtn",
                  feature_sq: np.ndarray | None = None) -> quant.Quant | None:
-    """The quantization of a store's rows for ``ffn_dtype`` (None or a float dtype: none);
-    ``method`` "mse" needs ``feature_sq``."""
-    if ffn_dtype is None or ffn_dtype in DTYPES:
+    """The quantization of a store's rows for ``ffn_dtype`` ("int8", "int4"; None: rows in
+    the store's dtype); ``method`` "mse" needs ``feature_sq``."""
+    if ffn_dtype is None:
         if group is not None or scales is not None or method != "rtn":
             raise ValueError("group, scales and method apply to an int8 or int4 ffn_dtype only")
         return None

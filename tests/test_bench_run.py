@@ -171,10 +171,15 @@ def test_bench_on_a_quantized_store(tmp_path, capsys):
                  "--windows", "1,4", "--no-device-limit", "--json",
                  str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
-    assert "int4 FFN rows" in out
+    assert "int4 FFN rows" in out and "storage requests per token (mean request): naive" in out
     assert "not run: predictor+window unbundled (an int4 store is read bundled only)" in out
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["row_bytes"] == 80 and result["ffn_dtype"] == "int4"  # 64 B + 8 B scales
     configs = result["configs"]
     assert "predictor+window unbundled" not in configs
     assert configs["naive"]["flash_bytes_per_token"] == 2 * 2048 * 80
+    # requests: adjacent rows merge (naive: a request per staging buffer of rows, here 32);
+    # never more requests than rows
+    for r in configs.values():
+        assert 0 < r["requests_per_token"] <= r["rows_read_per_token"]
+    assert configs["naive"]["requests_per_token"] <= configs["naive"]["rows_read_per_token"] / 32

@@ -195,6 +195,9 @@ def run_config(model_dir, budget, options: dict, tokens: int,
         "storage_bytes_per_token": float(stats["storage_bytes_read"] / max(stats["tokens"], 1))
         if stats["storage_bytes_read"] is not None else None,
         "rows_per_read_median": float(np.median(reads)),
+        "requests_per_token": float(np.mean(stats["requests_per_token"][decode])),
+        "mean_request_bytes": float(sum(stats["request_bytes_per_token"][decode])
+                                    / max(sum(stats["requests_per_token"][decode]), 1)),
         "reader_threads": model.options.reader_threads,
         "rows_read_per_token": float(rows.mean()),
         "rows_streamed": stats["rows_streamed"],
@@ -614,6 +617,9 @@ def format_table(result: dict) -> str:
     lines.append("storage bytes / flash bytes per configuration: " + ", ".join(
         f"{n} {r['storage_bytes_read'] / max(r['flash_bytes_read'], 1):.2f}"
         for n, r in _ours(result).items() if r["storage_bytes_read"] is not None))
+    lines.append("storage requests per token (mean request): " + ", ".join(
+        f"{n} {r['requests_per_token']:.0f} ({r['mean_request_bytes'] / 1024:.1f} KiB)"
+        for n, r in _ours(result).items() if "requests_per_token" in r))
     for name, why in result.get("skipped", {}).items():
         lines.append(f"not run: {name} ({why})")
     if "device_limit" in result:

@@ -141,7 +141,8 @@ class _Schedule:
                     self.reader.read_range(layer, int(ids[0]), int(ids[-1]) + 1)
                 else:
                     self.reader.read(layer, ids)
-            stats.read(int(ids.size), streamed=streamed)
+            stats.read(int(ids.size), streamed=streamed, requests=self.reader.last_requests,
+                       request_bytes=self.reader.last_request_bytes)
         return self.reader.staging[:size]
 
     def flush(self, buffers: list, stats: Stats) -> None:

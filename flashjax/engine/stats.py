@@ -23,6 +23,11 @@ class Stats:
         self.per_token: dict[str, list[float]] = {p: [] for p in PHASES}
         self.rows_read_per_token: list[int] = []
         self.rows_per_read: list[int] = []  # rows of each reader call (its concurrency)
+        # storage requests (and their bytes) per token: adjacent rows read as one request count
+        # once, so requests <= rows
+        self.requests_per_token: list[int] = []
+        self.request_bytes_per_token: list[int] = []
+        self._requests_now = self._request_bytes_now = 0
         self._storage0 = storage_read_bytes()
         self._current = dict.fromkeys(PHASES, 0.0)
         self._read_now = 0
@@ -32,8 +37,12 @@ class Stats:
         marks it for the profiler."""
         return _Phase(self._current, name)
 
-    def read(self, rows: int, *, streamed: bool) -> None:
-        """``rows`` came from flash in one reader call."""
+    def read(self, rows: int, *, streamed: bool, requests: int = 0,
+             request_bytes: int = 0) -> None:
+        """``rows`` came from flash in one reader call, in ``requests`` storage requests of
+        ``request_bytes`` in all."""
+        self._requests_now += requests
+        self._request_bytes_now += request_bytes
         if streamed:
             self.rows_streamed += rows
         else:
@@ -45,8 +54,10 @@ class Stats:
         for p in PHASES:
             self.per_token[p].append(self._current[p])
         self.rows_read_per_token.append(self._read_now)
+        self.requests_per_token.append(self._requests_now)
+        self.request_bytes_per_token.append(self._request_bytes_now)
         self._current = dict.fromkeys(PHASES, 0.0)
-        self._read_now = 0
+        self._read_now = self._requests_now = self._request_bytes_now = 0
         self.tokens += 1
 
     def report(self, row_bytes: int) -> dict:
@@ -64,6 +75,10 @@ class Stats:
             "tokens": self.tokens,
             "rows_read_per_token": self.rows_read_per_token,
             "rows_per_read": self.rows_per_read,
+            "requests_per_token": self.requests_per_token,
+            "request_bytes_per_token": self.request_bytes_per_token,
+            "mean_request_bytes": (sum(self.request_bytes_per_token)
+                                   / max(sum(self.requests_per_token), 1)),
             "per_token": {**{f"{p}_s": self.per_token[p] for p in PHASES}, "total_s": totals},
             **{f"median_{p}_s": float(np.median(self.per_token[p])) if self.tokens else 0.0
                for p in PHASES},

@@ -181,6 +181,9 @@ class FlashReader:
             self._ring.append((mem, view, array, ts.array(array, copy=False, write=True)))
         self.slot = 0
         self._select(0)
+        # the storage requests of the last read and their bytes (whole blocks for O_DIRECT
+        # reads of rows that are not; TensorStore reads a row, or a part of one, per request)
+        self.last_requests = self.last_request_bytes = 0
         self._threads = concurrency
         self._pool = None
         self._fds: dict[int | str, int] = {}
@@ -351,6 +354,7 @@ class FlashReader:
             if got < min(size, first + count * self.row_bytes - at):
                 raise OSError(f"short read: {got} of {size} bytes at offset {at}")
 
+        self.last_requests, self.last_request_bytes = -(-(hi - lo) // PIECE), hi - lo
         try:
             list(self._pool.map(piece, range(lo, hi, PIECE)))
         except OSError as e:
@@ -407,6 +411,7 @@ class FlashReader:
         staging = self._staging_view
         staging_u8 = self.staging.view(np.uint8).reshape(-1)
         jobs = [(src, job) for src in sources for job in self._uring_jobs(src, ids)]
+        self.last_requests, self.last_request_bytes = len(jobs), sum(j[1] for _, j in jobs)
         free = list(range(self._block_slots))  # scratch slots
         slot_of = {}
         count, queued, done, error = len(jobs), 0, 0, None
@@ -453,8 +458,12 @@ class FlashReader:
         n = stores[0].shape[0]
         count = len(range(*ids.indices(n))) if isinstance(ids, slice) else len(ids)
         if count == 0:
+            self.last_requests = self.last_request_bytes = 0
             return self.staging[:0]
         sources = self._uring_sources(layer) if not isinstance(ids, slice) else None
+        if not sources:  # TensorStore: one request per row of each array
+            self.last_requests = count * len(stores)
+            self.last_request_bytes = count * self.row_bytes
         try:
             if sources:
                 self._read_uring(layer, np.asarray(ids), sources)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -809,6 +810,10 @@ def main(argv=None) -> int:
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `flashjax info | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (so the exit's flush of stdout fails no more)
+        return 0
     except KeyboardInterrupt:
         left = _INTERRUPTED.get(args.command)
         print(f"\ninterrupted{'; ' + left if left else ''}", file=sys.stderr)

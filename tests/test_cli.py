@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,15 @@ def test_shipped_llama_by_name(tmp_path, monkeypatch, capsys):
         "llama"
     assert main(["generate", str(converted), "--model", "llama", "--prompt-ids", "2"]) == 2
     assert "--model llama names a shipped model" in capsys.readouterr().err
+
+
+def test_info_into_a_closed_pipe_is_quiet():
+    """`flashjax info | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "flashjax", "info"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and "BrokenPipe" not in err, err

@@ -282,6 +282,9 @@ class LlamaConfig(ModelConfig):
                               f"of num_key_value_heads {self.num_kv_heads}")
         if self.head_size % 2:
             raise ConfigError(f"head_dim {self.head_size} must be even for rotary embeddings")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ConfigError(f"rope_theta {self.rope_theta} must be a finite number above 1 "
+                              f"(the rotary base, 10000 by default)")
         if self.model_type not in _LLAMA_ARCHITECTURES:
             raise ConfigError(f"model_type {self.model_type!r} is not one of "
                               f"{sorted(_LLAMA_ARCHITECTURES)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flashjax.config import ConfigError, ModelConfig
-from flashjax.testing import tiny_opt_config
+from flashjax.testing import tiny_llama_config, tiny_opt_config
 
 
 def test_round_trip():
@@ -32,3 +32,9 @@ def test_missing_field_is_named():
     del cfg["ffn_dim"]
     with pytest.raises(ConfigError, match=r"x/config.json: missing required field\(s\) \['ffn_dim'\]"):
         ModelConfig.from_hf_config(cfg, source="x/config.json")
+
+
+@pytest.mark.parametrize("theta", [0.0, -10000.0, 1.0, float("inf")])
+def test_rope_theta_must_be_a_base_above_one(theta):
+    with pytest.raises(ConfigError, match=r"rope_theta .* must be a finite number above 1"):
+        ModelConfig.from_hf_config(tiny_llama_config(rope_theta=theta))

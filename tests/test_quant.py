@@ -279,6 +279,13 @@ def test_quantize_a_store_with_calibrated_scales(tmp_path):
     err = {m: float(np.square(flashjax.load(tmp_path / m, progress=False).logits(held) - ref)
                     .mean()) for m in ("rtn", "mse")}
     assert err["mse"] < err["rtn"], err
+    other = tiny_llama_config(vocab_size=300, hidden_size=32, intermediate_size=512)
+    random_hf_checkpoint(tmp_path / "hf-other", other, seed=2)
+    flashjax.convert(tmp_path / "hf-other", tmp_path / "fj-other", progress=False)
+    with pytest.raises(ValueError, match=r"activations of width 64 and 2 layers; the model has "
+                                         r"32 and 2"):
+        flashjax.quantize(tmp_path / "fj-other", tmp_path / "wrong", "int4", method="mse",
+                          data=tmp_path / "acts")
     with pytest.raises(ValueError, match="already int4"):
         flashjax.quantize(tmp_path / "rtn", tmp_path / "again", "int8")
     with pytest.raises(ValueError, match="method 'mse' .* give calibration data"):

@@ -33,10 +33,9 @@ def feature_mean_squares(data_dir: str | Path, cfg, tokens: int | None = None,
 
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
-    if meta.get("d_model") != cfg.hidden_size or meta.get("layers", cfg.num_hidden_layers) \
-            != cfg.num_hidden_layers:
+    if (meta.get("d_model"), meta.get("n_layers")) != (cfg.hidden_size, cfg.num_hidden_layers):
         raise ValueError(f"{data_dir}: activations of width {meta.get('d_model')} and "
-                         f"{meta.get('layers')} layers; the model has {cfg.hidden_size} and "
+                         f"{meta.get('n_layers')} layers; the model has {cfg.hidden_size} and "
                          f"{cfg.num_hidden_layers}")
     done = int(meta.get("tokens_written", 0))
     count = done if tokens is None else min(tokens, done)

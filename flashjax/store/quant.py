@@ -5,8 +5,9 @@ A row of ``width`` values (one neuron's bundle) is quantized symmetrically in gr
 width; for int4 also half the row): value = q x scale, q in [-127, 127] (int8) or [-8, 7]
 (int4), one float16 scale per group. On flash a row is its values (int8 one per byte; int4 two
 per byte, byte j holding value j in its low nibble and value j + width/2 in its high one, each
-stored as q + 8, so that each half decodes without interleaving: on XLA:CPU that is ~2.5x
-faster than pairing neighbours) followed, with ``scales="row"``, by its scales; rows are padded to ``ROW_ALIGN`` bytes. With ``scales="dram"`` the scales live in
+stored as q + 8, so that each half decodes without interleaving: on XLA:CPU neighbours paired
+in a byte decoded ~2x slower, docs/BENCHMARKS.md) followed, with ``scales="row"``, by its
+scales; rows are padded to ``ROW_ALIGN`` bytes. With ``scales="dram"`` the scales live in
 ``ffn/scales.npy`` [layers, neurons, groups] and stay resident, like the FFN biases: rows whose
 values fill whole 4 KiB blocks (OPT-6.7B: 8 KiB at int8, 4 KiB at int4) would otherwise take
 one more block per read for a few hundred bytes of scales.

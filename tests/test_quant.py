@@ -312,3 +312,16 @@ def test_quantized_rows_through_every_read_path(stores, reads):
     assert not flash.reader.uses_io_uring
     assert flash.generate(PROMPT, 6, stop_at_eos=False) == \
         dense.generate(PROMPT, 6, stop_at_eos=False)
+
+
+def test_missing_or_wrong_scales_file_is_named(stores, tmp_path):
+    """scales.npy is checked like the checksum file: missing, or of another shape."""
+    path = shutil.copytree(stores["int8", "dram"], tmp_path / "m")
+    scales = path / "ffn" / quant.SCALES_FILE
+    np.save(scales, np.zeros((1, 2), np.float16))
+    with pytest.raises(StoreError, match=r"scales.npy: float16 array of shape \(1, 2\); "
+                                         r"expected the rows' float16 scales of shape"):
+        flashjax.load(path, dram_budget=1.0, predictor="naive")
+    scales.unlink()
+    with pytest.raises(StoreError, match="scales.npy: missing scales file"):
+        flashjax.load(path, dram_budget=1.0, predictor="naive")

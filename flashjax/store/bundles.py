@@ -123,21 +123,29 @@ def load_checksums(model_dir: Path, shape: tuple[int, int] | None = None) -> Che
         shape = (cfg.num_hidden_layers, cfg.ffn_dim)
     wanted = (f"expected the rows' crc32s, a uint32 array of shape {tuple(shape)} "
               f"([layers, neurons] of the manifest)")
+    checksums = load_array(path, np.uint32, shape, "checksum file", wanted)
+    return as_checksums(checksums, manifest.row_checksum)
+
+
+def load_array(path: Path, dtype, shape, what: str, wanted: str) -> np.ndarray:
+    """The one array of .npy file ``path``, of ``dtype`` and ``shape``: else a StoreError
+    naming the file, what is wrong with it, and ``wanted`` (what it should hold); ``what``
+    names the file when it is missing."""
     if path.is_dir():
         raise StoreError(f"{path}: is a directory; {wanted}")
     try:
-        checksums = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise StoreError(f"{path}: missing checksum file; {wanted}") from None
+        raise StoreError(f"{path}: missing {what}; {wanted}") from None
     except Exception as e:  # not .npy, truncated, pickled objects, a broken zip...
         raise StoreError(f"{path}: not a valid .npy file ({type(e).__name__}: {e}); "
                          f"{wanted}") from None
-    if not isinstance(checksums, np.ndarray):  # a .npz archive
-        checksums.close()
-        raise StoreError(f"{path}: holds a {type(checksums).__name__}, not one array; {wanted}")
-    if checksums.dtype != np.uint32 or checksums.shape != tuple(shape):
-        raise StoreError(f"{path}: {checksums.dtype} array of shape {checksums.shape}; {wanted}")
-    return as_checksums(checksums, manifest.row_checksum)
+    if not isinstance(array, np.ndarray):  # a .npz archive
+        array.close()
+        raise StoreError(f"{path}: holds a {type(array).__name__}, not one array; {wanted}")
+    if array.dtype != dtype or array.shape != tuple(shape):
+        raise StoreError(f"{path}: {array.dtype} array of shape {array.shape}; {wanted}")
+    return array
 
 
 def check_rows(rows: np.ndarray, ids: np.ndarray, expected: Checksums, *, where: str) -> None:
@@ -196,18 +204,7 @@ def load_scales(model_dir: Path, manifest) -> np.ndarray | None:
     path = Path(model_dir) / FFN_DIR / SCALES_FILE
     shape = (cfg.num_hidden_layers, cfg.ffn_dim, q.groups)
     wanted = f"expected the rows' float16 scales of shape {shape} ([layers, neurons, groups])"
-    try:
-        scales = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: missing; {wanted}") from None
-    except Exception as e:
-        raise StoreError(f"{path}: not a valid .npy file ({type(e).__name__}: {e}); "
-                         f"{wanted}") from None
-    if not isinstance(scales, np.ndarray) or scales.dtype != np.float16 \
-            or scales.shape != shape:
-        found = (f"{scales.dtype} array of shape {scales.shape}"
-                 if isinstance(scales, np.ndarray) else type(scales).__name__)
-        raise StoreError(f"{path}: {found}; {wanted}")
+    scales = load_array(path, np.float16, shape, "scales file", wanted)
     if tensor_checksum(scales) != manifest.scales_checksum:
         raise StoreError(f"{path}: crc32 {tensor_checksum(scales)} differs from the manifest's "
                          f"{manifest.scales_checksum}; the scales are corrupt, reconvert the "

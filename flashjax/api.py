@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from flashjax.budget import choose_resident_dtype, dense_bytes, parse_budget
+from flashjax.budget import choose_resident_dtype, dense_bytes, parse_budget, read_gap
 from flashjax.runtime import Model, default_compute_dtype
 from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
@@ -139,7 +139,7 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
                 engine_options) -> Model:
     from flashjax.engine import EngineOptions, FlashModel
     from flashjax.engine.options import option_names
-    from flashjax.store.reader import FlashReader
+    from flashjax.store.reader import READ_SPAN, FlashReader
 
     unknown = sorted(set(engine_options) - set(option_names()))
     if unknown:
@@ -166,7 +166,8 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
                          bundled=options.bundled, unbundled_dir=options.unbundled_dir,
                          slots=plan.staging_slots,
                          block_slots=plan.block_slots or None,
-                         io_uring=options.io_uring)
+                         io_uring=options.io_uring, gap=read_gap(options),
+                         span=plan.block_bytes or READ_SPAN)
     return FlashModel(cfg, params, reader=reader, plan=plan, options=options, selector=selector,
                       row_scales=bundles.load_scales(path, manifest),
                       tokenizer=load_tokenizer(path, manifest), path=path, dtype=dtype)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flashjax.cache import slack_rows
 from flashjax.store.convert import NP_DTYPES
 from flashjax.store.manifest import DTYPE_BYTES, Manifest
-from flashjax.store.reader import block_span
+from flashjax.store.reader import ALIGN, READ_GAP, READ_SPAN, block_span
 
 MIN_CAPACITY = 32  # fewer resident rows per layer than this is not a useful configuration
 RESIDENT_MARGIN = 1.1  # compute-dtype resident weights need room for this x predicted rows
@@ -20,6 +20,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 MIN_BYTES = 1024  # a unitless byte count below this is a typo for a fraction
+
+
+def read_gap(options) -> int:
+    """The gap bytes the reader may read between needed rows under ``options``."""
+    return READ_GAP if options.read_gap is None else options.read_gap
 
 
 def parse_budget(budget, model_bytes: int) -> int:
@@ -78,8 +83,9 @@ class MemoryPlan:
     update_rows: int  # most rows read or written in one update (in a layer: at most its capacity)
     slack_rows: int = 0  # rows past each buffer's capacity that padded writes may touch
     staging_slots: int = 1  # staging buffers the reader alternates between (in ``staging``)
-    block_slots: int = 0  # io_uring scratch blocks for rows that are not whole blocks (in
-    #                       ``workspace``): reads of such rows in flight at once
+    block_slots: int = 0  # io_uring scratch slots for rows that are not whole blocks or are
+    #                       read with gaps (in ``workspace``): such reads in flight at once
+    block_bytes: int = 0  # bytes of one such slot: the longest such read
 
     @property
     def capacity(self) -> int:
@@ -155,9 +161,13 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             rows //= 2
     rows = min(n, rows)
     staging = slots * rows * manifest.row_bytes
-    # plus the io_uring reader's scratch where rows are not whole blocks: one span of blocks per
+    # plus the io_uring reader's scratch where rows are not whole blocks or gaps are read: one span of blocks per
     # read in flight, as many as reader_threads within 1/32 of the budget
-    span = block_span(manifest.row_bytes, options.bundled, len(cfg.ffn_parts))
+    # (slots of READ_SPAN, narrower where a small budget would otherwise allow fewer of them
+    # than reads in flight)
+    share = budget // 32 // options.reader_threads // ALIGN * ALIGN
+    span = block_span(manifest.row_bytes, options.bundled, len(cfg.ffn_parts),
+                      read_gap(options), max(ALIGN, min(READ_SPAN, share)))
     block_slots = min(options.reader_threads, max(1, budget // 32 // span)) if span else 0
     workspace = rows * update_row + block_slots * span
     # per row of capacity, in every layer: the parts' rows and bias, slot id and last use
@@ -185,7 +195,7 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
                       buffers=sum(capacities) * row_values * item + slack_bytes,
                       capacities=tuple(capacities), update_rows=int(min(rows, max(capacities))),
                       slack_rows=slack, staging_slots=slots,
-                      block_slots=block_slots)
+                      block_slots=block_slots, block_bytes=span)
 
 
 def choose_resident_dtype(manifest: Manifest, dtype, budget: int, options, selector):

@@ -183,21 +183,26 @@ def test_io_uring_read_failure_is_reported_and_the_ring_stays_usable(block_store
 @pytest.mark.skipif(not _uring_usable(), reason="io_uring (uring_api) not available here")
 def test_requests_are_counted_adjacent_rows_as_one(block_store, store):
     """The reader reports the storage requests of each read and their bytes: adjacent 4 KiB
-    rows go as one request (up to 128 KiB), scattered ones one each; 256 B rows cost the
+    rows go as one request (up to 128 KiB), scattered ones one each without gap reads (gap
+    0), or together with the rows between them when the gaps are small; 256 B rows cost the
     blocks that hold them (rows sharing a block, one request); TensorStore a request a row."""
     manifest = Manifest.read(block_store)
-    ring = FlashReader(block_store, manifest, max_rows=300, io_uring=True)
+    ring = FlashReader(block_store, manifest, max_rows=300, io_uring=True, gap=0)
     ring.read(0, np.arange(10, 20, dtype=np.int32))
     assert (ring.last_requests, ring.last_request_bytes) == (1, 10 * 4096)
     ring.read(0, np.array([1, 3, 5, 6], np.int32))
     assert (ring.last_requests, ring.last_request_bytes) == (3, 4 * 4096)
     ring.read(0, np.arange(0, 40, dtype=np.int32))  # 160 KiB: split at 128 KiB
     assert (ring.last_requests, ring.last_request_bytes) == (2, 40 * 4096)
+    gaps = FlashReader(block_store, manifest, max_rows=300, io_uring=True, gap=4096)
+    ids = np.array([1, 3, 5, 6, 9, 30], np.int32)  # gaps of one row, two, and many
+    np.testing.assert_array_equal(gaps.read(0, ids), bundles.read_layer(block_store, 0)[ids])
+    assert (gaps.last_requests, gaps.last_request_bytes) == (3, 6 * 4096 + 2 * 4096)
     plain = FlashReader(block_store, manifest, max_rows=300, io_uring=False)
     plain.read(0, np.array([1, 3, 5, 6], np.int32))
     assert (plain.last_requests, plain.last_request_bytes) == (4, 4 * 4096)
     small = FlashReader(store, Manifest.read(store), max_rows=300, io_uring=True)
     small.read(0, np.array([0, 1, 2, 100], np.int32))  # 256 B rows: blocks 0 and 6
     assert (small.last_requests, small.last_request_bytes) == (2, 2 * 4096)
-    for r in (ring, plain, small):
+    for r in (ring, gaps, plain, small):
         r.close()

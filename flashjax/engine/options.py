@@ -22,6 +22,9 @@ class EngineOptions:
     update_rows: int | None = None  # most rows per read and buffer update (None: from budget)
     overlap: bool = True  # buffer updates and FFN work run while the next rows are read
     io_uring: bool | None = None  # row sets read through io_uring (None: where it can be)
+    # io_uring: bytes of unneeded rows one read may span between two needed ones (None: the
+    # reader's READ_GAP, where one longer read is faster than two on the device measured)
+    read_gap: int | None = None
 
     def __post_init__(self):
         if self.window < 1:
@@ -29,6 +32,8 @@ class EngineOptions:
         for name in ("reader_threads", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.read_gap is not None and self.read_gap < 0:
+            raise ValueError(f"read_gap must be >= 0 bytes, got {self.read_gap}")
         if self.update_rows is not None and self.update_rows < 1:
             raise ValueError(f"update_rows must be >= 1, got {self.update_rows}")
 

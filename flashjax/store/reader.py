@@ -62,6 +62,13 @@ def storage_read_bytes() -> int | None:
 ALIGN = 4096  # O_DIRECT offsets, sizes and buffers: multiples of the logical block
 PIECE = 1 << 20  # bytes per pread of a long run
 MERGE = 128 << 10  # io_uring: consecutive whole-block rows are read together up to this size
+# io_uring: rows read through the scratch ring (rows that are not whole blocks, and rows with
+# unneeded ones between them) are read together up to this size, a slot of the ring...
+READ_SPAN = 32 << 10
+# ...and a read spans up to this many bytes of rows nobody asked for between two it needs,
+# where one longer read costs the device less than two (the crossover measured on the
+# device sweep, docs/BENCHMARKS.md "Neuron placement")
+READ_GAP = 16 << 10
 SUBMIT_EVERY = 4  # io_uring: reads handed to the kernel as they are prepared, this many at a time
 
 
@@ -74,15 +81,18 @@ def _max_span(offsets: np.ndarray, size: int) -> int:
     return int((_ceil_blocks(offsets + size) - offsets // ALIGN * ALIGN).max())
 
 
-def block_span(row_bytes: int, bundled: bool, n_parts: int = 2) -> int:
-    """Bytes of one io_uring scratch slot for rows (or unbundled parts) that are not whole
-    blocks, as the converter lays them out (row i at i x its size): the most blocks one row
-    covers; 0 when rows are whole blocks (read straight into the staging rows)."""
+def block_span(row_bytes: int, bundled: bool, n_parts: int = 2, gap: int = 0,
+               span: int = READ_SPAN) -> int:
+    """Bytes of one io_uring scratch slot, as the converter lays rows out (row i at i x its
+    size): for rows (or unbundled parts) that are not whole blocks, or that may be read with
+    up to ``gap`` bytes of others between them, ``span`` but at least the most blocks one
+    row covers (and two rows with a gap between them); 0 when rows are whole blocks and gaps
+    are never read (rows go straight into the staging rows)."""
     piece = row_bytes if bundled else row_bytes // n_parts
     if piece % ALIGN == 0:
-        return 0
+        return max(span, 2 * piece + gap) if gap > 0 else 0
     period = ALIGN // np.gcd(piece, ALIGN)  # the offsets' pattern within blocks repeats
-    return _max_span(np.arange(period, dtype=np.int64) * piece, piece)
+    return max(span, _max_span(np.arange(period, dtype=np.int64) * piece, piece))
 
 
 def shard_row_offsets(array_dir: Path, n_rows: int, row_bytes: int) -> np.ndarray | None:
@@ -137,7 +147,8 @@ class FlashReader:
     def __init__(self, model_dir: str | Path, manifest: Manifest, max_rows: int, *,
                  direct_io: bool = True, concurrency: int = 32, verify: bool = False,
                  bundled: bool = True, unbundled_dir: str | Path | None = None, slots: int = 1,
-                 io_uring: bool | None = None, block_slots: int | None = None):
+                 io_uring: bool | None = None, block_slots: int | None = None,
+                 gap: int = READ_GAP, span: int = READ_SPAN):
         cfg = manifest.config
         self.model_dir = Path(model_dir)
         # the unbundled copy (bundles.write_split): in the model dir unless written elsewhere
@@ -193,7 +204,10 @@ class FlashReader:
         self._sources: dict[int, list[_Source] | None] = {}
         self._blocks = None  # io_uring scratch: (memory, bytes per slot), one slot per read
         self._block_slots = min(concurrency, block_slots or concurrency)
-        span = block_span(self.row_bytes, bundled, self.n_parts)
+        if gap < 0:
+            raise ValueError(f"gap must be >= 0 bytes, got {gap}")
+        self.gap = gap
+        span = block_span(self.row_bytes, bundled, self.n_parts, gap, span)
         if self._uring is not None and span:
             self._blocks = (np.frombuffer(_aligned(self._block_slots * span)[0], np.uint8), span)
 
@@ -373,35 +387,47 @@ class FlashReader:
 
     def _uring_jobs(self, source: _Source, ids: np.ndarray):
         """The reads that fetch rows ``ids`` from ``source``: per read its file offset, size,
-        the bytes it must return, and the first and last position in ``ids`` it serves. Direct
-        reads land in the staging rows (consecutive rows together when the source fills whole
-        staging rows); the others read whole blocks (rows that share a block together) into a
-        scratch slot, to be copied out."""
+        the bytes it must return, the first and last position in ``ids`` it serves, and
+        whether it lands straight in the staging rows. Consecutive rows that fill whole
+        staging rows are read there together, up to ``MERGE`` bytes; other reads cover whole
+        blocks of a scratch slot (``block_span``), from which the rows are copied: rows that
+        share a block, adjacent rows, and rows with at most ``gap`` bytes between them."""
         where = source.offsets[ids]
-        jobs = []
-        if source.direct:
-            limit = MERGE if source.size == self.row_bytes else source.size
-            first = 0
+        size = source.size
+        straight_ok = source.direct and size == self.row_bytes
+        slot = self._blocks[1] if self._blocks is not None else 0
+        gap = self.gap if slot else 0
+        if not len(ids):
+            return []
+        if source.direct and not slot:  # whole-block rows only: runs straight, or one by one
+            limit = MERGE if straight_ok else size
+            jobs, first = [], 0
             for i in range(1, len(ids) + 1):
                 if (i == len(ids) or ids[i] != ids[i - 1] + 1
-                        or (i - first + 1) * source.size > limit):
-                    size = (i - first) * source.size
-                    jobs.append((int(where[first]), size, size, first, i - 1))
+                        or (i - first + 1) * size > limit):
+                    nbytes = (i - first) * size
+                    jobs.append((int(where[first]), nbytes, nbytes, first, i - 1, True))
                     first = i
             return jobs
-        slot = self._blocks[1]
-        lo = hi = -1
-        first = 0
-        for i, off in enumerate(where.tolist()):
-            start, stop = off - off % ALIGN, _ceil_blocks(off + source.size)
-            if i and start <= hi and stop - lo <= slot:  # shares or touches the read so far
-                hi = max(hi, stop)
-                continue
-            if i:
-                jobs.append((lo, hi - lo, int(where[i - 1]) + source.size - lo, first, i - 1))
-            lo, hi, first = start, stop, i
-        if len(where):
-            jobs.append((lo, hi - lo, int(where[-1]) + source.size - lo, first, len(where) - 1))
+        starts = where - where % ALIGN
+        stops = -(-(where + size) // ALIGN) * ALIGN
+        jobs = []
+        lo, hi, first, straight = int(starts[0]), int(stops[0]), 0, source.direct
+        for i in range(1, len(ids)):
+            start, stop = int(starts[i]), int(stops[i])
+            if start - hi <= gap:
+                run = straight and straight_ok and ids[i] == ids[i - 1] + 1 and start == hi
+                if run and stop - lo <= MERGE:
+                    hi = stop
+                    continue
+                if stop - lo <= slot:
+                    hi, straight = max(hi, stop), False
+                    continue
+            jobs.append((lo, hi - lo, int(where[i - 1]) + size - lo, first, i - 1,
+                         straight and source.direct))
+            lo, hi, first, straight = start, stop, i, source.direct
+        jobs.append((lo, hi - lo, int(where[-1]) + size - lo, first, len(ids) - 1,
+                     straight and source.direct))
         return jobs
 
     def _read_uring(self, layer: int, ids: np.ndarray, sources: list[_Source]) -> None:
@@ -418,9 +444,9 @@ class FlashReader:
         # after a failed read nothing more is queued, but what is in flight is waited for
         while done < queued or (error is None and queued < count):
             while (error is None and queued < count and queued - done < depth
-                   and (free or jobs[queued][0].direct)):
-                src, (at, size, _, first, _) = jobs[queued]
-                if src.direct:
+                   and (free or jobs[queued][1][5])):
+                src, (at, size, _, first, _, straight) = jobs[queued]
+                if straight:
                     dest = first * rb + src.dest
                     buf = staging[dest:dest + size]
                 else:
@@ -434,18 +460,18 @@ class FlashReader:
             for completion in ring.wait():  # submits what is queued, then waits
                 done += 1
                 j = completion.user_data
-                src, (at, size, need, first, last) = jobs[j]
+                src, (at, size, need, first, last, straight) = jobs[j]
                 if completion.res < need:
                     if error is None:
                         error = (os.strerror(-completion.res) if completion.res < 0
                                  else f"short read: {completion.res} of {need} bytes")
-                elif not src.direct and error is None:
+                elif not straight and error is None:
                     base = slot_of[j] * self._blocks[1] - at
                     for i in range(first, last + 1):
                         off = int(src.offsets[ids[i]]) + base
                         dest = i * rb + src.dest
                         staging_u8[dest:dest + src.size] = self._blocks[0][off:off + src.size]
-                if not src.direct:
+                if not straight:
                     free.append(slot_of.pop(j))
         if error is not None:
             raise OSError(error)

@@ -126,6 +126,23 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_place(args) -> int:
+    from flashjax.store.place import METHODS as PLACE_METHODS, place_store, report, scores_json
+
+    t0 = time.perf_counter()
+    methods = tuple(args.methods.split(",")) if args.methods else PLACE_METHODS
+    manifest, placements = place_store(args.model_dir, data=args.data, trace=args.trace,
+                                       out_dir=args.out, methods=methods, tokens=args.tokens,
+                                       window=args.window, gap=args.gap)
+    print(report(placements))
+    if args.scores:
+        Path(args.scores).write_text(scores_json(placements) + "\n")
+    where = args.out or args.model_dir
+    print(f"placed {where}: orders {', '.join(p.method for p in placements)} "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def _predictor(text: str):
     return None if text in ("none", "None") else text
 
@@ -636,6 +653,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the first this many tokens of --data (default: all)")
     _add_quant_options(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("place", help="reorder each layer's neurons on flash so that neurons "
+                                     "that fire together are adjacent (fewer, longer reads; "
+                                     "the same outputs)")
+    p.add_argument("model_dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="activations recorded by `flashjax collect` from this model")
+    src.add_argument("--trace", help="an activity trace of this model's shape "
+                                     "(scripts/make_activity_trace.py)")
+    p.add_argument("--out", help="write the placed model here (default: in place)")
+    p.add_argument("--methods", help="comma-separated candidates (default: frequency,greedy,"
+                                     "greedy-cosine,spectral; the best per layer is kept)")
+    p.add_argument("--tokens", type=_number(int, 8), help="use the first this many tokens")
+    p.add_argument("--window", type=_number(int, 1), default=4,
+                   help="score orders on the rows new to the last this many tokens")
+    p.add_argument("--gap", type=_number(int, 0),
+                   help="score with reads spanning up to this many bytes of unneeded rows "
+                        "(default: the reader's)")
+    p.add_argument("--scores", help="write every layer's held-out scores here (JSON)")
+    p.set_defaults(func=cmd_place)
 
     p = sub.add_parser("generate", help="generate text with a converted model")
     p.add_argument("model_dir", nargs="?",

@@ -80,6 +80,17 @@ class ActivityTrace:
         return np.flatnonzero(np.unpackbits(row, count=self.n_neurons,
                                             bitorder="little")).astype(np.int32)
 
+    def in_rows(self, order: np.ndarray | None) -> ActivityTrace:
+        """The trace (which names a checkpoint's neurons) in the rows of a store placed in
+        ``order`` ([L, N]: row i of layer l holds neuron order[l, i], see ``flashjax place``);
+        itself for None."""
+        if order is None:
+            return self
+        active = self.active
+        rows = np.stack([active[:, layer, order[layer]] for layer in range(active.shape[1])],
+                        axis=1)
+        return ActivityTrace(rows, {**self.meta, "placed": True})
+
     def layer_fractions(self) -> list[float]:
         return [float(f) for f in self.active.mean(axis=(0, 2))]
 
@@ -152,6 +163,8 @@ def record(model_dir, text, *, tokens: int = 4096, seq_len: int = 256,
     from flashjax.predictor.collect import ffn_activations
     from flashjax.predictor.model import Predictors, predictor_logits
     from flashjax.predictor.text import sequences
+    from flashjax.store.manifest import Manifest
+    from flashjax.store.place import load_order
 
     if source not in ("predictor", "true"):
         raise ValueError(f"source must be 'predictor' or 'true', got {source!r}")
@@ -179,6 +192,12 @@ def record(model_dir, text, *, tokens: int = 4096, seq_len: int = 256,
     if not chunks:
         raise ValueError(f"{text}: no text to record a trace from")
     active = np.concatenate(chunks)[:tokens]
+    order = load_order(model_dir, Manifest.read(model_dir))
+    if order is not None:  # a placed store's rows back to the checkpoint's neurons
+        neurons = np.empty_like(active)
+        for layer in range(cfg.num_hidden_layers):
+            neurons[:, layer, order[layer]] = active[:, layer]
+        active = neurons
     return ActivityTrace(active, {"source_model": str(model_dir), "text": str(text),
                                   "source": source, "seq_len": seq_len})
 
@@ -231,10 +250,14 @@ class TraceSelector:
         from flashjax.predictor.model import Predictors
         from flashjax.store.manifest import Manifest
 
-        cfg = Manifest.read(model_dir).config
+        from flashjax.store.place import load_order
+
+        manifest = Manifest.read(model_dir)
+        cfg = manifest.config
         trace = ActivityTrace.load(path)
         trace.meta["path"] = str(path)
         trace.check_shape(cfg.num_hidden_layers, cfg.ffn_dim, str(model_dir))
+        trace = trace.in_rows(load_order(model_dir, manifest))
         predictors = Predictors.random(cfg.hidden_size, cfg.ffn_dim, cfg.num_hidden_layers,
                                        dtype=dtype)
         return cls(trace, LowRank(predictors))

@@ -86,6 +86,15 @@ def _write_meta(data_dir: Path, meta: dict) -> None:
     os.replace(tmp, data_dir / META)
 
 
+def _order_checksum(model_dir) -> int | None:
+    from flashjax.store.manifest import Manifest
+    from flashjax.store.place import load_order, order_checksum
+
+    if model_dir is None or not (Path(model_dir) / "manifest.json").exists():
+        return None
+    return order_checksum(load_order(model_dir, Manifest.read(model_dir, check_files=False)))
+
+
 def collect(model, text, out_dir, *, tokens: int = 100_000, seq_len: int = 256,
             batch: int = 8, progress: bool = True) -> dict:
     """Run the dense ``model`` (a loaded ``flashjax.runtime.Model`` with a tokenizer) over
@@ -103,6 +112,8 @@ def collect(model, text, out_dir, *, tokens: int = 100_000, seq_len: int = 256,
     wanted = {"model": str(Path(model.path).absolute()), "text": str(Path(text).absolute()),
               "seq_len": seq_len, "batch": batch, "n_layers": cfg.num_hidden_layers,
               "d_model": cfg.hidden_size, "n_neurons": cfg.ffn_dim,
+              # the store's neuron order the activity is recorded in (None: the checkpoint's)
+              "neuron_order": _order_checksum(model.path),
               "tokens_target": -(-tokens // (seq_len * batch)) * seq_len * batch}
     done = 0
     if (out_dir / META).exists():

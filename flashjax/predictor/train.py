@@ -144,6 +144,13 @@ def train_predictors(model_dir, data_dir, *, rank: int | None = None, steps: int
     if (meta["n_layers"], meta["d_model"], meta["n_neurons"]) != \
             (cfg.num_hidden_layers, cfg.hidden_size, cfg.ffn_dim):
         raise ValueError(f"{data_dir} was collected from a model of other shape ({meta})")
+    from flashjax.store.place import load_order, order_checksum
+
+    order = order_checksum(load_order(model_dir, manifest))
+    if meta.get("neuron_order") != order:
+        raise ValueError(f"{data_dir} was collected from the store in another neuron order "
+                         f"(order crc32 {meta.get('neuron_order')}; {model_dir} has {order}, "
+                         f"see `flashjax place`): collect again from {model_dir}")
     if not meta.get("complete"):
         log.warning("%s: the collection is incomplete (%d of %d tokens; rerun `flashjax "
                     "collect` with the same arguments to finish it): training on the %d "

@@ -83,6 +83,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | No
     from flashjax.store.convert import TOKENIZER_FILES, dram_group, dram_groups
     from flashjax.store.load import read_dram_group
     from flashjax.store.manifest import Manifest
+    from flashjax.store.place import load_order, neuron_params
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     manifest = Manifest.read(model_dir)
@@ -98,6 +99,7 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | No
     table = dram_table(cfg, prefix)
     checksums = bundles.load_checksums(model_dir)
     scales = bundles.load_scales(model_dir, manifest)
+    order = load_order(model_dir, manifest)  # a placed store's rows go back to neuron order
     if manifest.quant is not None:
         log.warning("%s: the FFN rows are %s; exporting them dequantized to %s (the "
                     "quantization error stays in the weights)", model_dir, manifest.ffn_dtype,
@@ -121,12 +123,20 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | No
 
         for group in tqdm(dram_groups(cfg), desc="export", unit="group", disable=not progress):
             flat = _flatten(read_dram_group(model_dir, group))
+            if order is not None and group != "top":
+                layer = int(group.split("_")[1])
+                back = np.argsort(order[layer])
+                for path in neuron_params(cfg):
+                    key = (f"layers_{layer}", *path)
+                    flat[key] = np.asarray(flat[key])[..., back]
             tensors = {e.key: _invert(e, np.asarray(flat[e.path], np.float32))
                        for e in table if dram_group(e.path) == group}
             if group != "top":
                 layer = int(group.split("_")[1])
-                ffn = rows_to_kernels(cfg, bundles.read_layer_values(model_dir, layer, manifest,
-                                                                     checksums, scales))
+                rows = bundles.read_layer_values(model_dir, layer, manifest, checksums, scales)
+                if order is not None:
+                    rows = rows[np.argsort(order[layer])]
+                ffn = rows_to_kernels(cfg, rows)
                 for part, key in zip(cfg.ffn_parts, ffn_keys(cfg, prefix, layer)):
                     tensors[key] = ffn[part]["kernel"].T  # torch Linear [out, in]
             for key, w in tensors.items():

@@ -64,6 +64,9 @@ class Manifest:
     quant: Quant | None = None
     # crc32 (tensor_checksum) of ffn/scales.npy, for quant.scales == "dram"
     scales_checksum: int | None = None
+    # the rows' neuron order after ``flashjax place``: {"file": "ffn/order.npy", "crc32": ..,
+    # and how it was fitted}; None: rows in the checkpoint's order
+    order: dict[str, Any] | None = None
 
     @property
     def ffn_dtype(self) -> str:
@@ -138,6 +141,8 @@ class Manifest:
             if self.scales_checksum is not None:
                 ffn["quant"]["scales_crc32"] = self.scales_checksum
             d["sizes"]["scale_bytes"] = self.scale_bytes
+        if self.order is not None:
+            d["layout"]["ffn"]["order"] = self.order
         return d
 
     def write(self, model_dir: Path) -> None:
@@ -183,6 +188,7 @@ class Manifest:
                                lambda v: isinstance(v, str) and v in ROW_CHECKSUMS,
                                field="layout.ffn.row_checksum",
                                default="crc32"),
+            order=_order(f, d),
             **_quant(f, d, cfg, version))
         _check_sizes(f, d, manifest, template)
         if check_files:
@@ -374,6 +380,20 @@ def _quant(f: _Fields, d: dict, cfg: ModelConfig, version: int) -> dict:
         f.get(q, key, f"{value} (from bits, group and the bundle width {cfg.bundle_width})",
               lambda v, value=value: v == value, field=f"{field}.{key}", default=value)
     return {"quant": quant, "scales_checksum": crc}
+
+
+def _order(f: _Fields, d: dict) -> dict | None:
+    """The ``layout.ffn.order`` field of a placed store (see ``flashjax.store.place``)."""
+    ffn = f.obj(f.obj(d, "layout"), "ffn", field="layout.ffn")
+    if "order" not in ffn:
+        return None
+    field = "layout.ffn.order"
+    order = f.obj(ffn, "order", field=field)
+    wanted = f"{FFN_DIR}/order.npy"
+    f.get(order, "file", repr(wanted), lambda v: v == wanted, field=f"{field}.file")
+    f.get(order, "crc32", "a crc32 (an integer in [0, 2**32))",
+          lambda v: _is_count(v) and v < 1 << 32, field=f"{field}.crc32")
+    return order
 
 
 def _check_sizes(f: _Fields, d: dict, m: Manifest, template) -> None:

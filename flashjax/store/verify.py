@@ -71,6 +71,13 @@ def verify(model_dir: str | Path, progress: bool = True) -> str:
             bundles.load_scales(model_dir, manifest)
         except bundles.StoreError as e:
             problems.append(str(e))
+    if manifest.order is not None:  # a placed store: the rows' neuron order
+        from flashjax.store.place import load_order
+
+        try:
+            load_order(model_dir, manifest)
+        except bundles.StoreError as e:
+            problems.append(str(e))
     for layer in tqdm(range(cfg.num_hidden_layers), desc="verify FFN", unit="layer",
                       disable=not progress):
         if layers[layer] in missing:

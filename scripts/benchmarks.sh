@@ -89,3 +89,20 @@ for run in "1.4GB 2.4GB" "50% auto"; do
         --only naive,predictor+window,accelerate-offload,mmap \
         --json "data/peers-1.3b-$2.json" --plots "data/peers-1.3b-$2"
 done
+
+# neuron placement (docs/BENCHMARKS.md "Neuron placement"): the shipped model placed from its
+# collected true activity, and the OPT-1.3B-shape store from a 2048-token trace (fitted on the
+# first three quarters, benched on the held-out quarter)
+cp -a "$SHIPPED" "$WORK/shipped"
+flashjax collect "$WORK/shipped" --text data/corpus/train.txt --out "$WORK/shipped-acts" --tokens 24576
+flashjax place "$WORK/shipped" --data "$WORK/shipped-acts" --out "$WORK/shipped-placed" \
+    --scores "$OUT/place-shipped/scores.json"
+python scripts/bench_place.py "$WORK/shipped" "$WORK/shipped-placed" --data "$WORK/shipped-acts" \
+    --out "$OUT/place-shipped" --rounds 5 --tokens 48
+python scripts/make_activity_trace.py "$SHIPPED" --text "$HELDOUT" --for "$WORK/opt-1.3b/fj" \
+    --out "$WORK/trace-opt-1.3b-2k.npz" --tokens 2048
+python -c "from flashjax.bench.activity import ActivityTrace as T; t = T.load('$WORK/trace-opt-1.3b-2k.npz'); T(meta={**t.meta, 'held_out_from': 1536}, bits=t.bits[1536:], n_neurons=t.n_neurons).save('$WORK/trace-opt-1.3b-heldout.npz')"
+flashjax place "$WORK/opt-1.3b/fj" --trace "$WORK/trace-opt-1.3b-2k.npz" --out "$WORK/opt-1.3b/fj-placed" \
+    --methods frequency,greedy,greedy-cosine --scores "$OUT/place-opt-1.3b/scores.json"
+python scripts/bench_place.py "$WORK/opt-1.3b/fj" "$WORK/opt-1.3b/fj-placed" \
+    --trace "$WORK/trace-opt-1.3b-heldout.npz" --out "$OUT/place-opt-1.3b" --rounds 3 --tokens 8

@@ -497,14 +497,12 @@ def place_store(model_dir: str | Path, *, data: str | Path | None = None,
 def report(placements: list[LayerPlacement]) -> str:
     """A table of each layer's held-out reads per token under each candidate."""
     methods = list(placements[0].scores)
-    head = (f"{'layer':>5} {'kept':>13} | held-out per token, requests / kB / device us: "
-            + " ".join(f"{m:>20}" for m in methods))
-    lines = [head]
+    lines = ["held-out reads per token of a window's new rows: requests / kB / device us",
+             f"{'layer':>5} {'kept':>13} " + " ".join(f"{m:>20}" for m in methods)]
     for p in placements:
         cells = [f"{p.scores[m]['requests']:.1f} / {p.scores[m]['request_bytes'] / 1e3:.0f} / "
                  f"{p.scores[m]['device_us']:.0f}" for m in methods]
-        lines.append(f"{p.layer:>5} {p.method:>13} | {'':>46}"
-                     + " ".join(f"{c:>20}" for c in cells))
+        lines.append(f"{p.layer:>5} {p.method:>13} " + " ".join(f"{c:>20}" for c in cells))
     return "\n".join(lines)
 
 

@@ -161,10 +161,9 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
             rows //= 2
     rows = min(n, rows)
     staging = slots * rows * manifest.row_bytes
-    # plus the io_uring reader's scratch where rows are not whole blocks or gaps are read: one span of blocks per
-    # read in flight, as many as reader_threads within 1/32 of the budget
-    # (slots of READ_SPAN, narrower where a small budget would otherwise allow fewer of them
-    # than reads in flight)
+    # plus the io_uring reader's scratch where rows are not whole blocks or gaps are read: one
+    # slot per read in flight, as many as reader_threads within 1/32 of the budget (slots of
+    # READ_SPAN, narrower where a small budget would otherwise hold fewer than reads in flight)
     share = budget // 32 // options.reader_threads // ALIGN * ALIGN
     span = block_span(manifest.row_bytes, options.bundled, len(cfg.ffn_parts),
                       read_gap(options), max(ALIGN, min(READ_SPAN, share)))

@@ -192,3 +192,20 @@ def test_request_counts_follow_the_merging_rules():
     assert place.request_counts(pos, 1024, 4096, 1 << 20) == (2, 3 * 4096 + 4096)
     assert place.request_counts(np.arange(10), 8192, 0, 32768) == (3, 10 * 8192)
     assert place.request_counts(np.zeros(0, np.int64), 8192, 0, 32768) == (0, 0)
+
+
+def test_quantized_store_with_resident_scales_is_placed_with_its_scales(placed, tmp_path):
+    """int4 rows with resident scales: the scales move with their rows, and oracle flash
+    tokens stay the same."""
+    fp, _, trace, *_ = placed
+    q = tmp_path / "int4"
+    flashjax.convert(fp.parent / "hf", q, ffn_dtype="int4", scales="dram", progress=False)
+    manifest, _ = flashjax.place(q, trace=trace, out_dir=tmp_path / "int4-placed",
+                                 progress=False)
+    order = place.load_order(tmp_path / "int4-placed", manifest)
+    before = bundles.load_scales(q, Manifest.read(q))
+    after = bundles.load_scales(tmp_path / "int4-placed", manifest)
+    np.testing.assert_array_equal(after[1], before[1][order[1]])
+    ids = [flashjax.load(p, dram_budget=0.4, predictor="oracle", window=3).generate(
+        PROMPT, 10, stop_at_eos=False) for p in (q, tmp_path / "int4-placed")]
+    assert ids[0] == ids[1]

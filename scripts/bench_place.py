@@ -25,7 +25,7 @@ import numpy as np
 from flashjax.bench.run import _budget_bytes, run_config
 from flashjax.store import place
 from flashjax.store.manifest import Manifest
-from flashjax.store.reader import READ_GAP
+from flashjax.store.reader import GAP_CROSSOVER as GAP
 
 KEEP = ("ms_per_token", "io_ms", "compute_ms", "memory_ms", "predictor_ms", "requests_per_token",
         "mean_request_bytes", "flash_bytes_per_token", "storage_bytes_per_token",
@@ -55,8 +55,8 @@ def main() -> None:
     configs = {f"{name}, gap {gap // 1024} KiB": (store, {**base, "window": args.window,
                                                           "read_gap": gap})
                for name, store in (("original", before), ("placed", after))
-               for gap in (0, READ_GAP)}
-    first = f"original, gap {READ_GAP // 1024} KiB"
+               for gap in (0, GAP)}
+    first = f"original, gap {GAP // 1024} KiB"
     runs = {n: [] for n in configs}
     ids = {}
     for round_ in range(args.rounds):

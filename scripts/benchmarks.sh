@@ -95,7 +95,7 @@ done
 # first three quarters, benched on the held-out quarter)
 cp -a "$SHIPPED" "$WORK/shipped"
 flashjax collect "$WORK/shipped" --text data/corpus/train.txt --out "$WORK/shipped-acts" --tokens 24576
-flashjax place "$WORK/shipped" --data "$WORK/shipped-acts" --out "$WORK/shipped-placed" \
+flashjax place "$WORK/shipped" --data "$WORK/shipped-acts" --out "$WORK/shipped-placed" --gap 16384 \
     --scores "$OUT/place-shipped/scores.json"
 python scripts/bench_place.py "$WORK/shipped" "$WORK/shipped-placed" --data "$WORK/shipped-acts" \
     --out "$OUT/place-shipped" --rounds 5 --tokens 48
@@ -103,6 +103,6 @@ python scripts/make_activity_trace.py "$SHIPPED" --text "$HELDOUT" --for "$WORK/
     --out "$WORK/trace-opt-1.3b-2k.npz" --tokens 2048
 python -c "from flashjax.bench.activity import ActivityTrace as T; t = T.load('$WORK/trace-opt-1.3b-2k.npz'); T(meta={**t.meta, 'held_out_from': 1536}, bits=t.bits[1536:], n_neurons=t.n_neurons).save('$WORK/trace-opt-1.3b-heldout.npz')"
 flashjax place "$WORK/opt-1.3b/fj" --trace "$WORK/trace-opt-1.3b-2k.npz" --out "$WORK/opt-1.3b/fj-placed" \
-    --methods frequency,greedy,greedy-cosine --scores "$OUT/place-opt-1.3b/scores.json"
+    --methods frequency,greedy,greedy-cosine --gap 16384 --scores "$OUT/place-opt-1.3b/scores.json"
 python scripts/bench_place.py "$WORK/opt-1.3b/fj" "$WORK/opt-1.3b/fj-placed" \
     --trace "$WORK/trace-opt-1.3b-heldout.npz" --out "$OUT/place-opt-1.3b" --rounds 3 --tokens 8

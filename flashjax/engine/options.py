@@ -23,7 +23,7 @@ class EngineOptions:
     overlap: bool = True  # buffer updates and FFN work run while the next rows are read
     io_uring: bool | None = None  # row sets read through io_uring (None: where it can be)
     # io_uring: bytes of unneeded rows one read may span between two needed ones (None: the
-    # reader's READ_GAP, where one longer read is faster than two on the device measured)
+    # reader's READ_GAP, 0; reader.GAP_CROSSOVER is where a gap stops paying on the device)
     read_gap: int | None = None
 
     def __post_init__(self):

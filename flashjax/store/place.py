@@ -58,7 +58,7 @@ ALIGN = 4096
 # The device model orders are scored with: a request costs REQUEST_US plus its bytes at
 # READ_BYTES_PER_US, fitted to this machine's random-read sweep at 32 reads in flight (4 KiB:
 # 60k reads/s, 32 KiB: 28k, 128 KiB: 9.3k); so a gap of unneeded bytes is worth reading
-# below REQUEST_US x READ_BYTES_PER_US (about 19 KB), where reader.READ_GAP sits.
+# below REQUEST_US x READ_BYTES_PER_US (about 19 KB), where reader.GAP_CROSSOVER sits.
 REQUEST_US = 13.8
 READ_BYTES_PER_US = 1410.0
 SCORE_TOKENS = 4096  # held-out tokens a candidate is scored on, at most

@@ -65,10 +65,13 @@ MERGE = 128 << 10  # io_uring: consecutive whole-block rows are read together up
 # io_uring: rows read through the scratch ring (rows that are not whole blocks, and rows with
 # unneeded ones between them) are read together up to this size, a slot of the ring...
 READ_SPAN = 32 << 10
-# ...and a read spans up to this many bytes of rows nobody asked for between two it needs,
-# where one longer read costs the device less than two (the crossover measured on the
-# device sweep, docs/BENCHMARKS.md "Neuron placement")
-READ_GAP = 16 << 10
+# ...and a read may span up to ``gap`` bytes of rows nobody asked for between two it needs.
+# GAP_CROSSOVER is where one longer read stops costing the device less than two (from the
+# device sweep, docs/BENCHMARKS.md "Neuron placement"); by default (READ_GAP) no gap is read:
+# on the whole engine the extra bytes cost about what the saved requests save, and with
+# placed neurons gap reads measured slower
+GAP_CROSSOVER = 16 << 10
+READ_GAP = 0
 SUBMIT_EVERY = 4  # io_uring: reads handed to the kernel as they are prepared, this many at a time
 
 

@@ -61,26 +61,29 @@ def _flip_largest(model_dir, group="layer_001") -> Path:
     """Flip a byte of tensor data in the group's largest file. Orbax writes its arrays
     concurrently, so where a tensor's bytes lie in the file varies from one conversion to the
     next, and some bytes (padding, unread metadata) change nothing: try positions from the
-    middle on until restoring the group, unchecked, gives other values."""
+    middle to the end, then from the start (and the next largest files), until restoring the
+    group, unchecked, gives other values."""
     import orbax.checkpoint as ocp
 
     path = (model_dir / "dram" / group).absolute()
     clean = ocp.StandardCheckpointer().restore(path)
-    files = [p for p in path.rglob("*") if p.is_file()]
-    big = max(files, key=lambda p: p.stat().st_size)
-    original = big.read_bytes()
-    for offset in range(len(original) // 2, len(original), 97):
-        raw = bytearray(original)
-        raw[offset] ^= 0xFF
-        big.write_bytes(bytes(raw))
-        try:
-            damaged = ocp.StandardCheckpointer().restore(path)
-        except Exception:  # a byte orbax itself checks: not the data
-            continue
-        if any(not np.array_equal(a, b, equal_nan=True) for a, b in
-               zip(jax.tree.leaves(clean), jax.tree.leaves(damaged))):
-            return big
-    raise AssertionError(f"no byte of {big} changes a tensor of {group}")
+    files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
+    for big in files[:3]:
+        original = big.read_bytes()
+        half = len(original) // 2
+        for offset in [*range(half, len(original), 97), *range(0, half, 97)]:
+            raw = bytearray(original)
+            raw[offset] ^= 0xFF
+            big.write_bytes(bytes(raw))
+            try:
+                damaged = ocp.StandardCheckpointer().restore(path)
+            except Exception:  # a byte orbax itself checks: not the data
+                continue
+            if any(not np.array_equal(a, b, equal_nan=True) for a, b in
+                   zip(jax.tree.leaves(clean), jax.tree.leaves(damaged))):
+                return big
+        big.write_bytes(original)
+    raise AssertionError(f"no byte of the largest files of {path} changes a tensor of {group}")
 
 
 # --- DRAM checksums ------------------------------------------------------------------------

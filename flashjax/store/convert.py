@@ -277,12 +277,8 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
     np_dtype = NP_DTYPES[dtype]
     q = quant_layout(cfg, ffn_dtype, group=group, scales=scales)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir.parent)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    tmp = new_partial(out_dir)
     checkpointer = ocp.StandardCheckpointer()  # one for every group, closed before tmp goes
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
         ffn = FFNWriter(tmp, cfg, q)
         dram_bytes = 0
@@ -350,6 +346,38 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise lost from None
         raise
+
+
+def new_partial(out_dir: Path) -> Path:
+    """A new, empty hidden sibling ``.{name}.partial-{pid}`` of ``out_dir`` to write into and
+    rename into place when complete; stale ones of processes gone are removed first."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out_dir.parent)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def link_or_copy(src, dst) -> None:
+    """A hard link of file ``src`` at ``dst``, or a copy where the file system refuses."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def carry_over(src: Path, dst: Path, skip, skip_hidden: bool = False) -> None:
+    """The entries of directory ``src`` but those named in ``skip`` (and, with
+    ``skip_hidden``, those whose name starts with a dot) into ``dst``: files and directory
+    trees as hard links where possible (``link_or_copy``)."""
+    for entry in Path(src).iterdir():
+        if entry.name in skip or (skip_hidden and entry.name.startswith(".")):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, copy_function=link_or_copy)
+        else:
+            link_or_copy(entry, dst / entry.name)
 
 
 _PARTIAL = re.compile(r"\..+\.partial-(\d+)")

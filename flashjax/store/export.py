@@ -123,19 +123,19 @@ def export_model_dir(model_dir: str | Path, out_dir: str | Path, dtype: str | No
 
         for group in tqdm(dram_groups(cfg), desc="export", unit="group", disable=not progress):
             flat = _flatten(read_dram_group(model_dir, group))
-            if order is not None and group != "top":
-                layer = int(group.split("_")[1])
-                back = np.argsort(order[layer])
+            layer = None if group == "top" else int(group.split("_")[1])
+            # a placed store's neuron-indexed tensors back in the checkpoint's neuron order
+            back = None if order is None or layer is None else np.argsort(order[layer])
+            if back is not None:
                 for path in neuron_params(cfg):
                     key = (f"layers_{layer}", *path)
                     flat[key] = np.asarray(flat[key])[..., back]
             tensors = {e.key: _invert(e, np.asarray(flat[e.path], np.float32))
                        for e in table if dram_group(e.path) == group}
-            if group != "top":
-                layer = int(group.split("_")[1])
+            if layer is not None:
                 rows = bundles.read_layer_values(model_dir, layer, manifest, checksums, scales)
-                if order is not None:
-                    rows = rows[np.argsort(order[layer])]
+                if back is not None:
+                    rows = rows[back]
                 ffn = rows_to_kernels(cfg, rows)
                 for part, key in zip(cfg.ffn_parts, ffn_keys(cfg, prefix, layer)):
                     tensors[key] = ffn[part]["kernel"].T  # torch Linear [out, in]

@@ -333,13 +333,6 @@ def fit(activity: _Activity, row_bytes: int, *, methods=METHODS, fit_fraction: f
     return out
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where unsupported."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -361,12 +354,13 @@ def _write_predictors(src: Path, dst: Path, perms: list[np.ndarray]) -> None:
     import orbax.checkpoint as ocp
 
     from flashjax.predictor.model import PREDICTORS_DIR
+    from flashjax.store.convert import link_or_copy
 
     src, dst = src / PREDICTORS_DIR, dst / PREDICTORS_DIR
     dst.mkdir()
     for entry in src.iterdir():
         if entry.is_file():
-            _link_or_copy(entry, dst / entry.name)
+            link_or_copy(entry, dst / entry.name)
     checkpointer = ocp.StandardCheckpointer()
     try:
         for layer, perm in enumerate(perms):
@@ -391,7 +385,7 @@ def place_store(model_dir: str | Path, *, data: str | Path | None = None,
     rules the orders are scored under (default: the reader's). Returns the new manifest and
     each layer's placement."""
     from flashjax.store import reader as reader_mod
-    from flashjax.store.convert import _publish, remove_stale_partials, save_dram_group
+    from flashjax.store.convert import _publish, carry_over, new_partial, save_dram_group
     from flashjax.store.load import read_dram_group
 
     model_dir = Path(model_dir)
@@ -414,30 +408,19 @@ def place_store(model_dir: str | Path, *, data: str | Path | None = None,
 
     checksums = bundles.load_checksums(model_dir)
     scales = bundles.load_scales(model_dir, manifest)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir.parent)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = new_partial(out_dir)
     try:
         from flashjax.predictor.model import PREDICTORS_DIR
 
-        skip = {bundles.FFN_DIR, bundles.SPLIT_DIR, MANIFEST, DRAM_DIR, PREDICTORS_DIR}
-        for entry in model_dir.iterdir():
-            if entry.name in skip or entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(entry, tmp / entry.name)
+        carry_over(model_dir, tmp, {bundles.FFN_DIR, bundles.SPLIT_DIR, MANIFEST, DRAM_DIR,
+                                    PREDICTORS_DIR}, skip_hidden=True)
         # DRAM: the groups without neuron-indexed tensors are linked, the others rewritten
         dram_checksums = {g: dict(c) for g, c in (manifest.dram_checksums or {}).items()}
         (tmp / DRAM_DIR).mkdir()
         paths = neuron_params(cfg)
-        for entry in (model_dir / DRAM_DIR).iterdir():
-            if entry.name.startswith("layer_") and paths:
-                continue
-            shutil.copytree(entry, tmp / DRAM_DIR / entry.name, copy_function=_link_or_copy)
+        layer_groups = {e.name for e in (model_dir / DRAM_DIR).iterdir()
+                        if e.name.startswith("layer_")} if paths else set()
+        carry_over(model_dir / DRAM_DIR, tmp / DRAM_DIR, layer_groups)
         for layer in range(cfg.num_hidden_layers if paths else 0):
             group = f"layer_{layer:03d}"
             tree = read_dram_group(model_dir, group, manifest=manifest)

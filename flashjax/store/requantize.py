@@ -10,7 +10,6 @@ recorded (their mean square per feature and layer, see ``flashjax.store.quant``)
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from flashjax.store import bundles
-from flashjax.store.convert import FFNWriter, _publish, quant_layout, remove_stale_partials
+from flashjax.store.convert import FFNWriter, _publish, carry_over, new_partial, quant_layout
 from flashjax.store.manifest import MANIFEST, Manifest
 
 SKIP = {bundles.FFN_DIR, bundles.SPLIT_DIR, MANIFEST}
@@ -51,13 +50,6 @@ def feature_mean_squares(data_dir: str | Path, cfg, tokens: int | None = None,
     return (out / count).astype(np.float32)
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def quantize_store(model_dir: str | Path, out_dir: str | Path, ffn_dtype: str, *,
                    method: str = "rtn", data: str | Path | None = None, tokens: int | None = None,
                    group: int | None = None, scales: str | None = None,
@@ -84,19 +76,9 @@ def quantize_store(model_dir: str | Path, out_dir: str | Path, ffn_dtype: str, *
         raise ValueError(f"ffn_dtype {ffn_dtype!r}: quantize to 'int8' or 'int4'")
     checksums = bundles.load_checksums(model_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(out_dir.parent)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = new_partial(out_dir)
     try:
-        for entry in model_dir.iterdir():
-            if entry.name in SKIP:
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, tmp / entry.name, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(entry, tmp / entry.name)
+        carry_over(model_dir, tmp, SKIP)
         ffn = FFNWriter(tmp, cfg, q, feature_sq)
         for layer in tqdm(range(cfg.num_hidden_layers), desc=f"quantize {q.name}",
                           unit="layer", disable=not progress):

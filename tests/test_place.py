@@ -17,9 +17,8 @@ from flashjax.store import bundles, place
 from flashjax.store.export import export_model_dir
 from flashjax.store.manifest import Manifest
 from flashjax.store.verify import verify
-from flashjax.testing import random_hf_checkpoint, synthetic_store, tiny_llama_config, \
-    tiny_opt_config
-from tests.test_predictor import _text, save_word_tokenizer
+from flashjax.testing import synthetic_store, tiny_opt_config
+from tests.test_predictor import llama_with_activations
 
 PROMPT = [2, 11, 25, 37, 48, 59, 60, 71]
 SPARSE = tiny_opt_config(hidden_size=64, ffn_dim=1024, num_hidden_layers=3)
@@ -142,15 +141,7 @@ def test_place_in_place_with_trained_predictors(tmp_path):
     from flashjax.predictor.collect import collect
     from flashjax.predictor.train import train_predictors
 
-    cfg = tiny_llama_config(vocab_size=300, hidden_size=64, intermediate_size=512)
-    random_hf_checkpoint(tmp_path / "hf", cfg, seed=15)
-    save_word_tokenizer(tmp_path / "hf", ("<pad>", "<s>", "</s>", "<unk>"))
-    fp = tmp_path / "fj"
-    flashjax.convert(tmp_path / "hf", fp, progress=False)
-    model = flashjax.load(fp, progress=False)
-    text = tmp_path / "train.txt"
-    text.write_text("\n\n".join(_text(300, 1)))
-    collect(model, text, tmp_path / "acts", tokens=2048, seq_len=64, batch=8, progress=False)
+    fp, model, text = llama_with_activations(tmp_path)
     train_predictors(fp, tmp_path / "acts", steps=60, batch=256, progress=False)
     prompt = [1, 20, 33, 41, 57, 68, 90, 101]
     seq = prompt + model.generate(prompt, 10, stop_at_eos=False)

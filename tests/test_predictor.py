@@ -47,6 +47,24 @@ def save_word_tokenizer(hf_dir, special_tokens=OPT_SPECIAL, n_docs: int = 200) -
     tok.save(str(hf_dir / "tokenizer.json"))
 
 
+def llama_with_activations(root):
+    """A random ReLU Llama (width 64, 512 neurons) with a word tokenizer, converted into
+    ``root/fj``, and 2048 tokens of its activations collected into ``root/acts`` from
+    ``root/train.txt``; returns (model dir, loaded dense model, text file)."""
+    from flashjax.testing import random_hf_checkpoint, tiny_llama_config
+
+    cfg = tiny_llama_config(vocab_size=300, hidden_size=64, intermediate_size=512)
+    random_hf_checkpoint(root / "hf", cfg, seed=15)
+    save_word_tokenizer(root / "hf", ("<pad>", "<s>", "</s>", "<unk>"))
+    fp = root / "fj"
+    flashjax.convert(root / "hf", fp, progress=False)
+    model = flashjax.load(fp, progress=False)
+    text = root / "train.txt"
+    text.write_text("\n\n".join(_text(300, 1)))
+    collect(model, text, root / "acts", tokens=2048, seq_len=64, batch=8, progress=False)
+    return fp, model, text
+
+
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """A sparse random OPT with a small byte-level BPE trained on the word list above."""

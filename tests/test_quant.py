@@ -22,7 +22,7 @@ from flashjax.store.reader import shard_row_offsets
 from flashjax.store.verify import verify
 from flashjax.testing import random_hf_checkpoint, synthetic_store, tiny_llama_config, \
     tiny_opt_config
-from tests.test_predictor import _text, save_word_tokenizer
+from tests.test_predictor import llama_with_activations
 
 PROMPT = [2, 11, 25, 37, 48, 59, 60, 71]
 LAYOUTS = [("int8", "row"), ("int8", "dram"), ("int4", "row"), ("int4", "dram")]
@@ -256,17 +256,7 @@ def test_export_dequantizes_with_a_warning(stores, tmp_path, caplog):
 def test_quantize_a_store_with_calibrated_scales(tmp_path):
     """`flashjax quantize --method mse` fits the scales to collected activations, keeps the
     predictors and DRAM part, and is closer to float16 than round to nearest (int4, Llama)."""
-    from flashjax.predictor.collect import collect
-
-    cfg = tiny_llama_config(vocab_size=300, hidden_size=64, intermediate_size=512)
-    random_hf_checkpoint(tmp_path / "hf", cfg, seed=15)
-    save_word_tokenizer(tmp_path / "hf", ("<pad>", "<s>", "</s>", "<unk>"))
-    fp = tmp_path / "fj"
-    flashjax.convert(tmp_path / "hf", fp, progress=False)
-    model = flashjax.load(fp, progress=False)
-    text = tmp_path / "train.txt"
-    text.write_text("\n\n".join(_text(300, 1)))
-    collect(model, text, tmp_path / "acts", tokens=2048, seq_len=64, batch=8, progress=False)
+    fp, model, _ = llama_with_activations(tmp_path)
     (fp / "predictors").mkdir()  # carried over as it is
     (fp / "predictors" / "marker").write_text("x")
     assert main(["quantize", str(fp), str(tmp_path / "rtn"), "--ffn-dtype", "int4"]) == 0
@@ -274,7 +264,7 @@ def test_quantize_a_store_with_calibrated_scales(tmp_path):
                  "--method", "mse", "--data", str(tmp_path / "acts")]) == 0
     assert (tmp_path / "mse" / "predictors" / "marker").read_text() == "x"
     assert Manifest.read(tmp_path / "mse").quant.method == "mse"
-    held = np.random.default_rng(1).integers(3, cfg["vocab_size"], (4, 48))
+    held = np.random.default_rng(1).integers(3, model.cfg.vocab_size, (4, 48))
     ref = model.logits(held)
     err = {m: float(np.square(flashjax.load(tmp_path / m, progress=False).logits(held) - ref)
                     .mean()) for m in ("rtn", "mse")}

@@ -18,6 +18,8 @@ from flashjax.config import ModelConfig
 from flashjax.model import decoder, sampling
 from flashjax.model.layers import KVCache
 
+_increment = jax.jit(lambda x: x + 1)  # (on the device: nothing crosses from the host)
+
 PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this to bound recompiles
 SLOT_BUCKET = 64  # KV-cache lengths likewise
 
@@ -243,12 +245,16 @@ class Model:
         mask of the sequences that take them (not stopped before) and the state holding every
         token before them (valid until the generator is advanced: the next step donates it);
         returns the state it ended with (the last one yielded)."""
+        # the knobs, the key and the positions go to the device once: a token's step hands
+        # it nothing but what the model's own decode step moves
         key = jax.random.key(seed)
+        knobs = jax.device_put((np.float32(temperature), np.int32(top_k), np.float32(top_p)))
+        position = jax.device_put(np.asarray(positions, np.int32))
         done = np.zeros(len(positions), bool)
         for step in range(max_new_tokens):
             if temperature > 0:
                 key, sub = jax.random.split(key)
-                next_ids = sampling.sample(last, sub, temperature, top_k, top_p)
+                next_ids = sampling.sample(last, sub, *knobs)
             else:
                 next_ids = sampling.greedy(last)
             host_ids = np.asarray(next_ids)
@@ -256,7 +262,8 @@ class Model:
             done |= stop_at_eos & (host_ids == self.cfg.eos_token_id)
             if done.all() or step == max_new_tokens - 1:
                 break
-            last, state = self._decode(next_ids, jnp.asarray(positions + step), state)
+            last, state = self._decode(next_ids, position, state)
+            position = _increment(position)
         return state
 
     # -- text ----------------------------------------------------------------------------------

@@ -271,8 +271,8 @@ class TraceSelector:
     def prepare(self, params, resident_dtype) -> None:
         self.predictor.prepare(params, resident_dtype)
 
-    def select(self, layer, ffn_in, token_valid, step):
+    def select(self, layer, ffn_in, token_valid, step, fetch=np.asarray):
         from flashjax.engine.selectors import Selection
 
-        scores = self.predictor.scores(layer, ffn_in, token_valid)  # its cost is real
+        scores = self.predictor.scores(layer, ffn_in, token_valid, fetch)  # its cost is real
         return Selection(self.trace.needed(step, layer), scores)

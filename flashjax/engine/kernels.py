@@ -141,27 +141,55 @@ def update_buffer(buf: NeuronBuffer, rows, packed, neuron_bias, scales=None, *, 
     return buf, buf.parts[0][0, 0]
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def move_rows(buf: NeuronBuffer, packed):
+    """A piece of moves only (``packed``'s count is 0): no staged rows cross to the device.
+    Returns (buffer, fence) as ``update_buffer``."""
+    u = RowUpdate.unpack(packed)
+    buf = jax.tree.map(lambda x: x.at[u.holes].set(x[u.movers], mode="drop"), buf)
+    return buf, buf.parts[0][0, 0]
+
+
+@jax.jit
+def zeros_like(x):
+    """(Built on the device: nothing crosses from the host.)"""
+    return jnp.zeros_like(x)
+
+
+@jax.jit
+def all_valid(tokens):
+    return jnp.ones(tokens.shape, bool)
+
+
+@jax.jit
+def increment(x):
+    return x + 1
+
+
 def compile_row_kernels(buffers, neuron_biases, staging, capacities, sizes, stream_sizes,
-                        dtype, activation, threshold=None, scales=None, quant=None):
+                        dtype, activation, threshold=None, scales=None, quant=None,
+                        put=lambda *a: a):
     """Compile the row kernels for every buffer shape and padded size (a layer of each
     distinct capacity, its update sizes ``sizes[l]``, and the streamed ``stream_sizes``), for
     a ``threshold`` like the layers' (a device scalar or None) and rows of layout ``quant``
-    (``scales``: the layers' resident scales or None); returns the buffers (donated to the
-    updates, which change nothing)."""
-    x = jnp.zeros((1, 1, buffers[0].parts[0].shape[1]), dtype)
+    (``scales``: the layers' resident scales or None), with host arguments passed as the
+    engine passes them (``put``: ``Transfers.put`` without its counts); returns the buffers
+    (donated to the updates, which change nothing)."""
+    x = zeros_like(jnp.zeros((1, 1, buffers[0].parts[0].shape[1]), dtype))
     staged = set()
     for layer in sorted({capacities.index(c) for c in capacities}):
         buf, bias = buffers[layer], neuron_biases[layer]
-        ffn_held(buf, np.zeros(buf.rows, bool), x, None, activation=activation,
+        ffn_held(buf, *put(np.zeros(buf.rows, bool)), x, None, activation=activation,
                  threshold=threshold)
         layer_scales = None if scales is None else scales[layer]
         for size in sizes[layer]:
-            buf, _ = update_buffer(buf, staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows),
-                                   bias, layer_scales, quant=quant)
+            rows, packed = put(staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows))
+            buf, _ = update_buffer(buf, rows, packed, bias, layer_scales, quant=quant)
+            buf, _ = move_rows(buf, packed)
         for size in sorted((set(sizes[layer]) | set(stream_sizes)) - staged):
-            packed = RowUpdate.pack(size, [], no_slot=buf.rows)
+            rows, packed = put(staging[:size], RowUpdate.pack(size, [], no_slot=buf.rows))
             for acc in (None, x):
-                ffn_staged(staging[:size], packed, bias, x, acc, activation=activation,
+                ffn_staged(rows, packed, bias, x, acc, activation=activation,
                            threshold=threshold, scales=layer_scales, quant=quant)
             staged.add(size)
         buffers[layer] = buf

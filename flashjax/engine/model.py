@@ -19,6 +19,8 @@ from flashjax.engine.options import EngineOptions
 from flashjax.engine.schedule import LayerWork, Overlapped, Sequential
 from flashjax.engine.selectors import Selector
 from flashjax.engine.state import FlashState, NeuronBuffer
+from flashjax.engine.stats import Stats
+from flashjax.engine.transfer import Transfers
 from flashjax.model.bundle import neuron_bias
 from flashjax.model.layers import KVCache, run_layers
 from flashjax.runtime import Model
@@ -40,7 +42,10 @@ class FlashModel(Model):
                  options: EngineOptions, selector: Selector, row_scales=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader, self.memory, self.options, self.selector = reader, plan, options, selector
-        self.schedule = (Overlapped if options.overlap else Sequential)(reader)
+        self.transfers = Transfers(explicit=options.explicit_transfers)
+        self.schedule = (Overlapped if options.overlap else Sequential)(reader, self.transfers)
+        # layer indices as device scalars: a Python int argument would cross every call
+        self.layer_ids = [jnp.int32(i) for i in range(cfg.num_hidden_layers)]
         self.layer_params = [params[f"layers_{i}"] for i in range(cfg.num_hidden_layers)]
         self.neuron_biases = [neuron_bias(cfg, p) for p in self.layer_params]
         # per layer the calibrated activation threshold as a device scalar (SwiGLU), or None
@@ -97,14 +102,18 @@ class FlashModel(Model):
         buffers = kernels.compile_row_kernels(
             list(state.buffers), self.neuron_biases, self.reader.staging, self.capacities,
             self.sizes, self.stream_sizes, self.dtype, self.cfg.activation, self.thresholds[0],
-            self.row_scales, self.quant)
+            self.row_scales, self.quant, put=self._put_uncounted)
         self._done(state.next_token(state.kv, buffers))
+
+    def _put_uncounted(self, *arrays):
+        return self.transfers.put(Stats(), "plan", *arrays)
 
     # -- one token through all layers ----------------------------------------------------------
     def _work(self, state: FlashState, layer: int, ffn_in, token_valid) -> LayerWork:
         stats = state.stats
         with stats.phase("predictor"):
-            needed = self.selector.select(layer, ffn_in, token_valid, state.step)
+            needed = self.selector.select(layer, ffn_in, token_valid, state.step,
+                                          fetch=lambda x: self.transfers.get(stats, x))
         with stats.phase("memory"):
             index = state.index[layer]
             plan = index.plan(needed.ids, state.step, self.options.window, needed.scores)
@@ -122,13 +131,13 @@ class FlashModel(Model):
         """One token per sequence: tokens, positions [B] -> (logits [B, V], next state)."""
         cfg, stats = self.cfg, state.stats
         if token_valid is None:
-            token_valid = jnp.ones(tokens.shape, bool)
+            token_valid = kernels.all_valid(tokens)
         buffers = list(state.buffers)
 
         def attend(layer, h, kv):
             with stats.phase("compute"):
-                h, ffn_in, kv = kernels.attend(cfg, self.layer_params[layer], h, kv, layer,
-                                               positions)
+                h, ffn_in, kv = kernels.attend(cfg, self.layer_params[layer], h, kv,
+                                               self.layer_ids[layer], positions)
                 ffn_in.block_until_ready()
             return h, ffn_in, kv
 
@@ -160,11 +169,11 @@ class FlashModel(Model):
         logits = np.zeros((*tokens.shape, self.cfg.vocab_size), np.float32)
         for j in range(tokens.shape[1]):
             if not valid[:, j].any():  # a column of padding only: nothing to compute
-                state = state.replace(kv=state.kv.replace(index=state.kv.index + 1))
+                state = state.replace(kv=state.kv.replace(index=kernels.increment(state.kv.index)))
                 continue
-            step_logits, state = self.decode_step(state, jnp.asarray(tokens[:, j]),
-                                                  jnp.asarray(positions[:, j]),
-                                                  jnp.asarray(valid[:, j]))
+            inputs = self.transfers.put(state.stats, "inputs", tokens[:, j], positions[:, j],
+                                        valid[:, j])
+            step_logits, state = self.decode_step(state, *inputs)
             logits[:, j] = np.asarray(step_logits)
         return logits, state
 
@@ -203,4 +212,5 @@ class FlashModel(Model):
             "predictor": self.selector.name, "window": self.options.window,
             "direct_io": self.options.direct_io, "capacity": plan.capacity,
             "capacities": list(plan.capacities), "update_rows": plan.update_rows,
-            "oracle_bytes": getattr(self.selector, "outside_budget_bytes", 0)}
+            "oracle_bytes": getattr(self.selector, "outside_budget_bytes", 0),
+            "compute_device": self.transfers.describe()}

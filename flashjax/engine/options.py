@@ -25,6 +25,9 @@ class EngineOptions:
     # io_uring: bytes of unneeded rows one read may span between two needed ones (None: the
     # reader's READ_GAP, 0; reader.GAP_CROSSOVER is where a gap stops paying on the device)
     read_gap: int | None = None
+    # host arrays go to the device by an explicit device_put (None: on accelerators; XLA:CPU
+    # reads them in place, see engine.transfer)
+    explicit_transfers: bool | None = None
 
     def __post_init__(self):
         if self.window < 1:

@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from flashjax.cache import NeuronCache, Plan, bucket_for
-from flashjax.engine.kernels import RowUpdate, ffn_held, ffn_staged, update_buffer
+from flashjax.engine.kernels import (RowUpdate, ffn_held, ffn_staged, move_rows, update_buffer,
+                                     zeros_like)
 from flashjax.engine.stats import Stats
+from flashjax.engine.transfer import Transfers
 from flashjax.store.quant import Quant
 from flashjax.store.reader import FlashReader
 
@@ -70,7 +71,10 @@ class LayerWork:
     scales: jax.Array | None = None  # the layer's resident row scales [N, G] (scales="dram")
 
     def update(self, buf, rows, packed):
-        """``update_buffer`` of these staged rows: (new buffer, fence)."""
+        """``update_buffer`` of these staged rows (None: a piece of moves only): (new buffer,
+        fence)."""
+        if rows is None:
+            return move_rows(buf, packed)
         return update_buffer(buf, rows, packed, self.neuron_bias, self.scales, quant=self.quant)
 
     def ffn_staged(self, rows, packed, ffn_in, acc):
@@ -124,16 +128,16 @@ class LayerWork:
 
 
 class _Schedule:
-    def __init__(self, reader: FlashReader):
+    def __init__(self, reader: FlashReader, transfers: Transfers | None = None):
         self.reader = reader
+        self.transfers = Transfers() if transfers is None else transfers
 
     def _claim(self, stats: Stats) -> None:
         """Make a staging buffer ready for the next read."""
 
     def _read(self, stats: Stats, layer: int, ids: np.ndarray, size: int, streamed: bool):
-        """Rows ``ids`` into a staging buffer; returns its first ``size`` rows, to pass to
-        jitted functions as they are (jax may use this memory without a copy, and a numpy
-        argument is ~10x cheaper to dispatch than a ``device_put`` first)."""
+        """Rows ``ids`` into a staging buffer; returns its first ``size`` rows (host memory:
+        see ``_stage``)."""
         self._claim(stats)
         if ids.size:
             with stats.phase("io"):
@@ -144,6 +148,16 @@ class _Schedule:
             stats.read(int(ids.size), streamed=streamed, requests=self.reader.last_requests,
                        request_bytes=self.reader.last_request_bytes)
         return self.reader.staging[:size]
+
+    def _stage(self, stats: Stats, rows, packed):
+        """Staged rows (None: none, a piece of moves only) and their packed update as the
+        device's inputs: only rows read this token cross, in one transfer with their plan."""
+        if rows is None:
+            return None, *self.transfers.put(stats, "plan", packed)
+        return self.transfers.stage(stats, rows, packed)
+
+    def _mask(self, stats: Stats, work: LayerWork, slots: np.ndarray):
+        return self.transfers.put(stats, "plan", work.mask(slots))[0]
 
     def flush(self, buffers: list, stats: Stats) -> None:
         """Dispatch what the schedule deferred (at the end of a token)."""
@@ -162,29 +176,31 @@ class Sequential(_Schedule):
             size = work.padded(piece)
             rows = self._read(stats, layer, piece.ids, size, streamed=False)
             with stats.phase("memory"):
-                buffers[layer], _ = work.update(buffers[layer], rows,
-                                                work.pack(piece.ids, size, piece))
+                rows, packed = self._stage(stats, rows if piece.ids.size else None,
+                                           work.pack(piece.ids, size, piece))
+                buffers[layer], _ = work.update(buffers[layer], rows, packed)
                 jax.block_until_ready(buffers[layer])  # nothing reads the staging rows now
         needed = work.needed_after()
         if needed.size:
             with stats.phase("compute"):
-                out = ffn_held(buffers[layer], work.mask(needed), ffn_in, out,
+                out = ffn_held(buffers[layer], self._mask(stats, work, needed), ffn_in, out,
                                activation=work.activation, threshold=work.threshold)
                 out.block_until_ready()
         for ids, size in work.streamed():
             rows = self._read(stats, layer, ids, size, streamed=True)
             with stats.phase("compute"):
-                out = work.ffn_staged(rows, work.pack(ids, size), ffn_in, out)
+                out = work.ffn_staged(*self._stage(stats, rows, work.pack(ids, size)), ffn_in,
+                                      out)
                 out.block_until_ready()
-        return jnp.zeros_like(ffn_in) if out is None else out
+        return zeros_like(ffn_in) if out is None else out
 
 
 class Overlapped(_Schedule):
     """Device work under the reads; owns the staging ring, its fences and the deferred
     update."""
 
-    def __init__(self, reader: FlashReader):
-        super().__init__(reader)
+    def __init__(self, reader: FlashReader, transfers: Transfers | None = None):
+        super().__init__(reader, transfers)
         self.reset()
 
     def reset(self) -> None:
@@ -222,7 +238,7 @@ class Overlapped(_Schedule):
         layer, out, plan = work.layer, None, work.plan
         if plan.held.size:  # the rows held before this token, on the device while we read
             with stats.phase("compute"):
-                out = ffn_held(buffers[layer], work.mask(plan.held), ffn_in, out,
+                out = ffn_held(buffers[layer], self._mask(stats, work, plan.held), ffn_in, out,
                                activation=work.activation, threshold=work.threshold)
         self.flush(buffers, stats)  # the last layer's update queues behind it
         pieces, streamed = work.pieces(), work.streamed()
@@ -233,7 +249,8 @@ class Overlapped(_Schedule):
             size = work.padded(piece)
             rows = self._read(stats, layer, piece.ids, size, streamed=False)
             with stats.phase("memory"):
-                packed = work.pack(piece.ids, size, piece)
+                rows, packed = self._stage(stats, rows if piece.ids.size else None,
+                                           work.pack(piece.ids, size, piece))
             if piece.ids.size:
                 out = self._ffn_new(stats, rows, packed, work, ffn_in, out)
             if defer:
@@ -244,5 +261,7 @@ class Overlapped(_Schedule):
                 self.fence(fence)
         for ids, size in streamed:
             rows = self._read(stats, layer, ids, size, streamed=True)
-            out = self._ffn_new(stats, rows, work.pack(ids, size), work, ffn_in, out)
-        return jnp.zeros_like(ffn_in) if out is None else out
+            with stats.phase("memory"):
+                rows, packed = self._stage(stats, rows, work.pack(ids, size))
+            out = self._ffn_new(stats, rows, packed, work, ffn_in, out)
+        return zeros_like(ffn_in) if out is None else out

@@ -46,8 +46,11 @@ class Selector(Protocol):
         """Once the model's resident ``params`` are loaded: hold the selector's weights in the
         resident dtype the budget chose, and take what it uses of the params."""
 
-    def select(self, layer: int, ffn_in, token_valid, step: int) -> Selection:
-        """ffn_in [B, 1, D], token_valid [B] (padding rows need nothing)."""
+    def select(self, layer: int, ffn_in, token_valid, step: int, fetch=np.asarray
+               ) -> Selection:
+        """ffn_in [B, 1, D], token_valid [B] (padding rows need nothing), both on the device;
+        ``fetch(array)`` brings a device array's value to the host (the engine's counted
+        round trip: a selector computes on the device and fetches its decision once)."""
 
 
 @functools.partial(jax.jit, static_argnames="activation")
@@ -80,6 +83,9 @@ class Oracle:
         # compute dtype
         self.weights = weights
         self.bias = None  # per layer the resident per-neuron biases, if any (``prepare``)
+        # per layer the activation threshold as a device scalar, or None
+        self.thresholds = [None if cfg.threshold(i) is None else jnp.float32(cfg.threshold(i))
+                           for i in range(len(weights))]
         self._shares = shares
 
     @property
@@ -98,10 +104,10 @@ class Oracle:
                      for b in (neuron_bias(self.cfg, params[f"layers_{i}"])
                                for i in range(len(self.weights)))]
 
-    def select(self, layer, ffn_in, token_valid, step) -> Selection:
-        scores = np.asarray(_oracle_scores(self.weights[layer], self.bias[layer], ffn_in,
-                                           token_valid, self.cfg.threshold(layer),
-                                           activation=self.cfg.activation))
+    def select(self, layer, ffn_in, token_valid, step, fetch=np.asarray) -> Selection:
+        scores = fetch(_oracle_scores(self.weights[layer], self.bias[layer], ffn_in,
+                                      token_valid, self.thresholds[layer],
+                                      activation=self.cfg.activation))
         return Selection(np.flatnonzero(scores > 0).astype(np.int32), scores)
 
 
@@ -124,11 +130,11 @@ class LowRank:
         self.predictors.params = jax.tree.map(lambda x: x.astype(resident_dtype),
                                               self.predictors.params)
 
-    def scores(self, layer, ffn_in, token_valid) -> np.ndarray:
-        return np.asarray(predict_scores(self.predictors.params[layer], ffn_in, token_valid))
+    def scores(self, layer, ffn_in, token_valid, fetch=np.asarray) -> np.ndarray:
+        return fetch(predict_scores(self.predictors.params[layer], ffn_in, token_valid))
 
-    def select(self, layer, ffn_in, token_valid, step) -> Selection:
-        scores = self.scores(layer, ffn_in, token_valid)
+    def select(self, layer, ffn_in, token_valid, step, fetch=np.asarray) -> Selection:
+        scores = self.scores(layer, ffn_in, token_valid, fetch)
         ids = np.flatnonzero(scores >= self.predictors.thresholds[layer]).astype(np.int32)
         return Selection(ids, scores)
 
@@ -146,7 +152,7 @@ class _AllRows:
     def prepare(self, params, resident_dtype) -> None:
         pass
 
-    def select(self, layer, ffn_in, token_valid, step) -> Selection:
+    def select(self, layer, ffn_in, token_valid, step, fetch=np.asarray) -> Selection:
         return Selection(self._all, None)
 
 

@@ -7,6 +7,7 @@ import time
 import jax
 import numpy as np
 
+from flashjax.engine.transfer import KINDS
 from flashjax.store.reader import storage_read_bytes
 
 PHASES = ("io", "memory", "predictor", "compute")
@@ -28,6 +29,11 @@ class Stats:
         self.requests_per_token: list[int] = []
         self.request_bytes_per_token: list[int] = []
         self._requests_now = self._request_bytes_now = 0
+        # host -> device bytes per token by kind (``engine.transfer.KINDS``), device -> host
+        self.to_device_per_token: dict[str, list[int]] = {k: [] for k in KINDS}
+        self.to_host_per_token: list[int] = []
+        self._to_device_now = dict.fromkeys(KINDS, 0)
+        self._to_host_now = 0
         self._storage0 = storage_read_bytes()
         self._current = dict.fromkeys(PHASES, 0.0)
         self._read_now = 0
@@ -50,6 +56,13 @@ class Stats:
         self._read_now += rows
         self.rows_per_read.append(rows)
 
+    def to_device(self, kind: str, nbytes: int) -> None:
+        """``nbytes`` handed to the device as ``kind`` (rows, plan, inputs)."""
+        self._to_device_now[kind] += nbytes
+
+    def to_host(self, nbytes: int) -> None:
+        self._to_host_now += nbytes
+
     def end_token(self) -> None:
         for p in PHASES:
             self.per_token[p].append(self._current[p])
@@ -57,7 +70,11 @@ class Stats:
         self.requests_per_token.append(self._requests_now)
         self.request_bytes_per_token.append(self._request_bytes_now)
         self._current = dict.fromkeys(PHASES, 0.0)
-        self._read_now = self._requests_now = self._request_bytes_now = 0
+        for k in KINDS:
+            self.to_device_per_token[k].append(self._to_device_now[k])
+        self.to_host_per_token.append(self._to_host_now)
+        self._to_device_now = dict.fromkeys(KINDS, 0)
+        self._read_now = self._requests_now = self._request_bytes_now = self._to_host_now = 0
         self.tokens += 1
 
     def report(self, row_bytes: int) -> dict:
@@ -79,6 +96,11 @@ class Stats:
             "request_bytes_per_token": self.request_bytes_per_token,
             "mean_request_bytes": (sum(self.request_bytes_per_token)
                                    / max(sum(self.requests_per_token), 1)),
+            "host_to_device_bytes_per_token": dict(self.to_device_per_token),
+            "device_to_host_bytes_per_token": self.to_host_per_token,
+            "median_host_to_device_bytes": float(np.median(
+                [sum(t) for t in zip(*self.to_device_per_token.values())])) if self.tokens
+            else 0.0,
             "per_token": {**{f"{p}_s": self.per_token[p] for p in PHASES}, "total_s": totals},
             **{f"median_{p}_s": float(np.median(self.per_token[p])) if self.tokens else 0.0
                for p in PHASES},

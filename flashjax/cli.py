@@ -525,6 +525,13 @@ def cmd_bench(args) -> int:
         if missing:
             raise UsageError(f"--peers needs {', '.join(missing)}: pip install "
                              f"'flashjax[peers]'")
+    if args.device is not None:
+        from flashjax.engine.transfer import use_device
+
+        try:
+            use_device(args.device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     result = bench(args.model_dir, dram_budget=args.dram_budget, tokens=args.tokens,
                    window=args.window, device=not args.no_device_limit,
                    windows=args.windows, trace=args.trace, prompt_tokens=args.prompt_tokens,
@@ -799,6 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=lambda t: [n.strip() for n in t.split(",") if n.strip()],
                    help="run only these configurations (comma-separated names, peers "
                    "included; naive always runs)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="the compute device (default: JAX's choice, GPU where one is "
+                   "installed); the table names the one it ran on")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="write a converted model back as a Hugging Face "

@@ -16,9 +16,9 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     synthetic_store(tmp_path, cfg, ffn_active=0.05)
     assert main(["bench", str(tmp_path / "fj"), "--dram-budget", "40%", "--tokens", "6",
                  "--no-device-limit", "--json", str(tmp_path / "b.json"),
-                 "--plots", str(tmp_path / "plots")]) == 0
+                 "--plots", str(tmp_path / "plots"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "configuration" in out and "naive" in out
+    assert "configuration" in out and "naive" in out and "computed on cpu" in out
     result = json.loads((tmp_path / "b.json").read_text())
     configs = result["configs"]
     assert list(configs) == ["naive", "hybrid", "predictor", "predictor+window unbundled",
@@ -43,11 +43,24 @@ def test_bench_reports_every_configuration(tmp_path, capsys):
     assert set(result["window_sweep"]) == {"1", "2", "4", "8"}
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"latency_breakdown.png",
                                                                  "window_rows.png", "table.md"}
+    # the device it computed on, and what crossed to it: naive sends every row every token
+    # (padded to compiled sizes), the predictor with its window a small part of that
+    assert result["compute_device"]["platform"] == "cpu"
+    assert configs["naive"]["compute_device"]["platform"] == "cpu"
+    naive_rows = configs["naive"]["host_to_device_row_bytes_per_token"]
+    assert 2 * 2048 * result["row_bytes"] <= naive_rows < 1.1 * 2 * 2048 * result["row_bytes"]
+    assert configs["predictor+window"]["host_to_device_row_bytes_per_token"] < 0.1 * naive_rows
+    assert configs["predictor+window"]["device_to_host_bytes_per_token"] == 2 * 2048 * 4
+    assert "host -> device MB per token" in out
     table = (tmp_path / "plots" / "table.md").read_text().splitlines()
+    assert table[0] == "Computed on cpu." and table[1] == ""
+    table = table[2:]
     assert len(table) == 2 + len(configs)  # header, rule, one row per configuration
     naive = table[2].split(" | ")
     assert naive[0] == "| naive" and naive[5] == f"**{configs['naive']['ms_per_token']:.1f}**"
-    assert naive[-2] == "-"  # no device measured: no fraction
+    assert naive[-3] == "-"  # no device measured: no fraction
+    assert float(naive[-2]) == pytest.approx(
+        configs["naive"]["host_to_device_bytes_per_token"] / 1e6, abs=1e-3)
 
 
 @pytest.mark.parametrize("family", ["opt", "llama"])
@@ -183,3 +196,21 @@ def test_bench_on_a_quantized_store(tmp_path, capsys):
     for r in configs.values():
         assert 0 < r["requests_per_token"] <= r["rows_read_per_token"]
     assert configs["naive"]["requests_per_token"] <= configs["naive"]["rows_read_per_token"] / 32
+
+
+def test_bench_on_a_missing_device_is_refused(tmp_path, capsys):
+    """--device gpu where JAX has no GPU: an error that says so, nothing run."""
+    import os
+
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("a GPU is here")
+    cfg = tiny_opt_config(hidden_size=64, ffn_dim=256, num_hidden_layers=1)
+    synthetic_store(tmp_path, cfg, ffn_active=0.05)
+    env = os.environ.get("JAX_PLATFORMS")
+    code = main(["bench", str(tmp_path / "fj"), "--tokens", "2", "--no-device-limit",
+                 "--device", "gpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--device gpu" in err and "Traceback" not in err
+    assert os.environ.get("JAX_PLATFORMS") == env  # nothing changed for what runs next

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import flashjax
+from flashjax.engine.transfer import device_info
 from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 
@@ -208,6 +209,15 @@ def run_config(model_dir, budget, options: dict, tokens: int,
         "peak_dram_bytes": stats["peak_dram_bytes"],
         "budget_bytes": stats["dram_budget_bytes"],
         "resident_dtype": _resident_dtype(model),
+        # what crossed to the compute device per generated token (median), and back
+        "host_to_device_bytes_per_token": float(np.median(
+            [sum(t) for t in zip(*(v[decode] for v in
+                                   stats["host_to_device_bytes_per_token"].values()))])),
+        "host_to_device_row_bytes_per_token": float(np.median(
+            stats["host_to_device_bytes_per_token"]["rows"][decode])),
+        "device_to_host_bytes_per_token": float(np.median(
+            stats["device_to_host_bytes_per_token"][decode])),
+        "compute_device": stats["compute_device"],
         "capacity": stats["capacity"],
         "ids": [int(i) for i in ids],
         "tokens": len(ids),
@@ -352,7 +362,7 @@ def bench(model_dir, *, dram_budget="50%", tokens: int = 16, window: int = 4,
               "store_bytes": stored_bytes(*(p for p in model_dir.iterdir()
                                             if p.name != bundles.SPLIT_DIR)),
               "ffn_dtype": manifest.ffn_dtype, "skipped": skipped,
-              "configs": {}}
+              "compute_device": device_info(), "configs": {}}
     if peers is not None:
         result["peers_checkpoint"] = str(peers)
         result["checkpoint_bytes"] = stored_bytes(*Path(peers).glob("*.safetensors"))
@@ -608,7 +618,8 @@ def format_table(result: dict) -> str:
             f"{'total':>9}{'flash MB':>10}{'GB/s':>7}{'speedup':>9}")
     dtype = result.get("ffn_dtype")
     lines = [f"ms per generated token (the median token's phases), DRAM budget "
-             f"{result['dram_budget']}" + (f", {dtype} FFN rows" if dtype else ""), head]
+             f"{result['dram_budget']}" + (f", {dtype} FFN rows" if dtype else "")
+             + _computed_on(result), head]
     for name, r in _ours(result).items():
         lines.append(f"{name:<30}{r['io_ms']:>8.1f}{r['memory_ms']:>8.1f}"
                      f"{r['predictor_ms']:>8.1f}{r['compute_ms']:>9.1f}{r['ms_per_token']:>9.1f}"
@@ -620,6 +631,12 @@ def format_table(result: dict) -> str:
     lines.append("storage requests per token (mean request): " + ", ".join(
         f"{n} {r['requests_per_token']:.0f} ({r['mean_request_bytes'] / 1024:.1f} KiB)"
         for n, r in _ours(result).items() if "requests_per_token" in r))
+    moved = {n: r for n, r in _ours(result).items() if "host_to_device_bytes_per_token" in r}
+    if moved:
+        lines.append("host -> device MB per token (of it rows; device -> host): " + ", ".join(
+            f"{n} {r['host_to_device_bytes_per_token'] / 1e6:.3f} "
+            f"({r['host_to_device_row_bytes_per_token'] / 1e6:.3f}; "
+            f"{r['device_to_host_bytes_per_token'] / 1e6:.3f})" for n, r in moved.items()))
     for name, why in result.get("skipped", {}).items():
         lines.append(f"not run: {name} ({why})")
     if "device_limit" in result:
@@ -652,6 +669,15 @@ def format_table(result: dict) -> str:
     if _isolated(result):
         lines += ["", format_limited(result)]
     return "\n".join(lines)
+
+
+def _computed_on(result: dict) -> str:
+    device = result.get("compute_device")
+    if not device:
+        return ""
+    kind = device["device_kind"]
+    return f", computed on {device['platform']}" + ("" if kind == device["platform"]
+                                                   else f" ({kind})")
 
 
 def _ours(result: dict) -> dict:
@@ -739,7 +765,8 @@ def markdown_table(result: dict) -> str:
 
     head = ["configuration", "I/O ms", "memory ms", "predictor ms", "compute ms", "total ms",
             "flash MB/token", "storage/flash bytes", "rows per read", "read GB/s",
-            "of device (sweep)", "of device (same batches)", "speedup"]
+            "of device (sweep)", "of device (same batches)", "host->device MB/token",
+            "speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in _ours(result).items():
         storage = (f"{r['storage_bytes_read'] / r['flash_bytes_read']:.2f}"
@@ -748,9 +775,13 @@ def markdown_table(result: dict) -> str:
                  f"{r['flash_bytes_per_token'] / 1e6:.3f}", storage,
                  f"{r['rows_per_read_median']:.0f}", f"{r['read_gbps']:.2f}",
                  pct(r.get("device_fraction")), pct(r.get("device_fraction_same_batches")),
+                 "-" if "host_to_device_bytes_per_token" not in r
+                 else f"{r['host_to_device_bytes_per_token'] / 1e6:.3f}",
                  f"{r['speedup_vs_naive']:.1f}x"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    on = _computed_on(result)
+    return (f"Computed on {on[len(', computed on '):]}.\n\n" if on else "") + \
+        "\n".join(lines) + "\n"
 
 
 def plot(result: dict, out_dir) -> list[Path]:

@@ -106,3 +106,11 @@ flashjax place "$WORK/opt-1.3b/fj" --trace "$WORK/trace-opt-1.3b-2k.npz" --out "
     --methods frequency,greedy,greedy-cosine --gap 16384 --scores "$OUT/place-opt-1.3b/scores.json"
 python scripts/bench_place.py "$WORK/opt-1.3b/fj" "$WORK/opt-1.3b/fj-placed" \
     --trace "$WORK/trace-opt-1.3b-heldout.npz" --out "$OUT/place-opt-1.3b" --rounds 3 --tokens 8
+
+# what crosses host to device per token, and the accelerator's transfer path on CPU
+# (docs/BENCHMARKS.md "What crosses to the compute device"); next-layer prefetch estimate
+python scripts/bench_transfers.py "$WORK/opt-1.3b/fj" --trace "$WORK/trace-opt-1.3b-heldout.npz" \
+    --tokens 8 --rounds 3 --out "$OUT/transfers-opt-1.3b"
+python scripts/prefetch_estimate.py --tokens 4096 --out "$OUT/prefetch"
+# on a GPU (scripts/gpu_check.sh: the flash tests there, then naive and predictor+window at
+# OPT-6.7B shape with `flashjax bench --device gpu`)

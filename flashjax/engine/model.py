@@ -19,7 +19,6 @@ from flashjax.engine.options import EngineOptions
 from flashjax.engine.schedule import LayerWork, Overlapped, Sequential
 from flashjax.engine.selectors import Selector
 from flashjax.engine.state import FlashState, NeuronBuffer
-from flashjax.engine.stats import Stats
 from flashjax.engine.transfer import Transfers
 from flashjax.model.bundle import neuron_bias
 from flashjax.model.layers import KVCache, run_layers
@@ -102,11 +101,8 @@ class FlashModel(Model):
         buffers = kernels.compile_row_kernels(
             list(state.buffers), self.neuron_biases, self.reader.staging, self.capacities,
             self.sizes, self.stream_sizes, self.dtype, self.cfg.activation, self.thresholds[0],
-            self.row_scales, self.quant, put=self._put_uncounted)
+            self.row_scales, self.quant, put=self.transfers.put_uncounted)
         self._done(state.next_token(state.kv, buffers))
-
-    def _put_uncounted(self, *arrays):
-        return self.transfers.put(Stats(), "plan", *arrays)
 
     # -- one token through all layers ----------------------------------------------------------
     def _work(self, state: FlashState, layer: int, ffn_in, token_valid) -> LayerWork:

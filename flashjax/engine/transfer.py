@@ -40,6 +40,10 @@ class Transfers:
     def put(self, stats, kind: str, *arrays):
         """``arrays`` (numpy) as the device's inputs, in one transfer; a tuple of as many."""
         stats.to_device(kind, sum(int(a.nbytes) for a in arrays))
+        return self.put_uncounted(*arrays)
+
+    def put_uncounted(self, *arrays):
+        """As ``put``, outside any generation (the kernels' warm-up)."""
         if not self.explicit:
             return arrays
         return tuple(jax.device_put(arrays, self.device))
@@ -48,9 +52,7 @@ class Transfers:
         """Staged rows and their packed update, counted as rows and plan, in one transfer."""
         stats.to_device("rows", int(rows.nbytes))
         stats.to_device("plan", int(packed.nbytes))
-        if not self.explicit:
-            return rows, packed
-        return tuple(jax.device_put((rows, packed), self.device))
+        return self.put_uncounted(rows, packed)
 
     def get(self, stats, array) -> np.ndarray:
         """A device array's value on the host (counted as the decision's round trip)."""

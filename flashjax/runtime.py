@@ -257,7 +257,7 @@ class Model:
                 next_ids = sampling.sample(last, sub, *knobs)
             else:
                 next_ids = sampling.greedy(last)
-            host_ids = np.asarray(next_ids)
+            host_ids = jax.device_get(next_ids)  # (the one thing the host needs back)
             yield host_ids, ~done, state
             done |= stop_at_eos & (host_ids == self.cfg.eos_token_id)
             if done.all() or step == max_new_tokens - 1:

@@ -43,18 +43,20 @@ class Recording(Transfers):
         return super().stage(stats, rows, packed)
 
 
-def _generate_guarded(flash):
+def _generate_guarded(flash, on_token=None):
     """Generate NEW tokens; from the first chosen token on (every decode step), any
-    host-to-device transfer that is not an explicit one raises."""
+    transfer between host and device, either way, that is not an explicit one raises."""
     guard = contextlib.ExitStack()
 
-    def on_token(ids):
+    def start(ids):
         if len(ids) == 1:
-            guard.enter_context(jax.transfer_guard_host_to_device("disallow"))
+            guard.enter_context(jax.transfer_guard("disallow"))
+        if on_token is not None:
+            on_token(ids)
 
     with guard:
         return flash.generate(PROMPT, NEW, stop_at_eos=False, return_stats=True,
-                              on_token=on_token)
+                              on_token=start)
 
 
 def _recording(flash, explicit):
@@ -143,6 +145,36 @@ def test_explicit_transfers_compute_what_the_cpu_path_computes(store):
     flash.generate([2, 5], 1)
     with pytest.raises(Exception, match="Disallowed host-to-device"):
         _generate_guarded(flash)
+
+
+@pytest.mark.parametrize("predictor", ["oracle", "naive"])
+def test_one_round_trip_per_layer(store, monkeypatch, predictor):
+    """Per decode step the host fetches one thing per layer, the selector's scores (none for
+    a selector that needs no decision), and the chosen token: nothing else comes back (the
+    guard refuses any implicit fetch)."""
+    flash = flashjax.load(store, dram_budget=0.5, predictor=predictor,
+                          explicit_transfers=True)
+    flash.generate([2, 5], 1)
+    fetches, per_token = [], []
+    real = jax.device_get
+
+    def counted(x):
+        fetches.append(np.shape(x))
+        return real(x)
+
+    def on_token(ids):
+        per_token.append(len(fetches))
+        fetches.clear()
+
+    monkeypatch.setattr(jax, "device_get", counted)
+    ids, stats = _generate_guarded(flash, on_token)
+    layers, n = flash.cfg.num_hidden_layers, flash.cfg.ffn_dim
+    decode = per_token[1:]  # each from one decode step to the next token chosen
+    assert len(decode) == NEW - 1
+    expected = layers + 1 if predictor == "oracle" else 1
+    assert decode == [expected] * (NEW - 1)
+    assert stats["device_to_host_bytes_per_token"][len(PROMPT):] == \
+        [layers * n * 4 if predictor == "oracle" else 0] * (NEW - 1)
 
 
 @pytest.mark.parametrize("explicit", [False, True])

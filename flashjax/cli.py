@@ -367,6 +367,12 @@ def cmd_info(args) -> int:
     from flashjax.store.convert import NP_DTYPES
     from flashjax.store.manifest import Manifest
 
+    from flashjax.engine.transfer import device_info
+
+    device = device_info()
+    kind = "" if device["device_kind"] == device["platform"] else f" ({device['device_kind']})"
+    print(f"compute device       {device['platform']}{kind}, jax {device['jax']} "
+          f"(JAX_PLATFORMS)")
     print(f"cache directory      {cache_root()} (FLASHJAX_CACHE)")
     print(f"compilation cache    {enable_compilation_cache() or 'off'} "
           f"(FLASHJAX_COMPILATION_CACHE)")

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 import flashjax
@@ -87,8 +88,10 @@ def test_shipped_model_from_the_source_tree_or_the_package(tmp_path, monkeypatch
     assert shipped.shipped_checkpoint() == repo_copy
     assert main(["info"]) == 0
     converted = shipped.converted_dir(repo_copy)
+    out = capsys.readouterr().out
     assert (f"shipped model        {repo_copy}\n  converted            {converted} "
-            f"(converted on first use)") in capsys.readouterr().out
+            f"(converted on first use)") in out
+    assert out.startswith(f"compute device       {jax.devices()[0].platform}")
     packaged = tmp_path / "_shipped"
     synthetic_hf_checkpoint(packaged / "flashjax-docs-9m", tiny_opt_config())
     monkeypatch.setattr(shipped, "PACKAGED", packaged)

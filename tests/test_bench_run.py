@@ -11,7 +11,8 @@ from flashjax.cli import main
 from flashjax.testing import synthetic_store, tiny_llama_config, tiny_opt_config
 
 
-def test_bench_reports_every_configuration(tmp_path, capsys):
+def test_bench_reports_every_configuration(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # (--device sets it; restored afterwards)
     cfg = tiny_opt_config(hidden_size=64, ffn_dim=2048, num_hidden_layers=2)
     synthetic_store(tmp_path, cfg, ffn_active=0.05)
     assert main(["bench", str(tmp_path / "fj"), "--dram-budget", "40%", "--tokens", "6",

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
         "tokens": args.tokens, "rounds": args.rounds,
         "per_token": {k: first[k] for k in keys if k != "ids"},
         "read_bytes_per_token": first["read_bytes_per_token"],
-        "padding_of_rows": first["h2d_rows_bytes_per_token"] / max(first["read_bytes_per_token"], 1) - 1,
+        "padding_of_rows": first["h2d_rows_bytes_per_token"]
+        / max(first["read_bytes_per_token"], 1) - 1,
         "ms_per_token": {"implicit": [r["ms_per_token"] for r in runs[False]],
                          "explicit": [r["ms_per_token"] for r in runs[True]]},
         "naive": {k: naive[k] for k in ("rows_read_per_token", "read_bytes_per_token",

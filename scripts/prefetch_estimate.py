@@ -140,7 +140,8 @@ def main(argv=None) -> int:
                       "waste": sum(r[name]["wasted_per_token"] for r in rows)
                       / max(sum(r[name]["reads_per_token"] for r in rows), 1e-9)}
                for name in ("from_ffn_input", "from_hidden")}
-    result = {"command": " ".join(["python", "scripts/prefetch_estimate.py", *(argv or sys.argv[1:])]),
+    command = ["python", "scripts/prefetch_estimate.py", *(argv or sys.argv[1:])]
+    result = {"command": " ".join(command),
               "model": str(args.model_dir), "tokens": int(sum(len(s) for s in seqs)),
               "window": args.window, "layers": rows, "summary": summary}
     (out / "prefetch.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
     lines.append(f"| all (recall per new row, waste per early read) | {total_new:.1f} | "
                  f"{summary['from_ffn_input']['recall']:.0%} | "
                  f"{summary['from_ffn_input']['waste']:.0%} | "
-                 f"{summary['from_hidden']['recall']:.0%} | {summary['from_hidden']['waste']:.0%} |")
+                 f"{summary['from_hidden']['recall']:.0%} | "
+                 f"{summary['from_hidden']['waste']:.0%} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "prefetch.png")
     print("\n".join(lines))

@@ -9,8 +9,9 @@ work under the reads: the FFN over the held rows is dispatched before the missin
 read, the new rows go through the FFN straight from the staging buffer, and a layer's moves
 and appends are deferred until the next layer starts reading, so they run under that read.
 jax dispatches asynchronously and XLA:CPU runs one computation at a time, in order, so this
-ordering is what puts device work under I/O. It alternates two staging buffers; jax reads
-staging rows without a copy, so each buffer is fenced until the work reading it is done. The
+ordering is what puts device work under I/O. It alternates two staging buffers; on CPU jax
+reads staging rows without a copy (an accelerator gets a copy, ``engine.transfer``), so each
+buffer is fenced until the work reading it is done. The
 phases are the host's time: work hidden under a read costs nothing; what is not hidden shows
 up where the host next waits for a result (compute).
 """

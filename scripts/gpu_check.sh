@@ -15,7 +15,12 @@
 # 3. `flashjax bench --device $DEVICE` at a 50% budget, trace-driven: naive and
 #    predictor+window, ms per token and their ratio, and what crossed host to device.
 # Python packages the image lacks travel as wheels in .whl/ (see the device notes); the
-# script installs them first when .whl/ is there.
+# script installs them first when .whl/ is there. The H200 image (Python 3.12, jax 0.11 with
+# CUDA 13) lacked google-crc32c when last listed:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_17_x86_64 -d .whl google-crc32c
+# and carry .whl and data/corpus/heldout.txt with the run.
 set -euo pipefail
 OUT=${1:-${OUT:-data/gpu-check}}
 SHAPE=${SHAPE:-opt-6.7b}
@@ -35,6 +40,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 start=$SECONDS
 stamp() { echo "[$((SECONDS - start)) s] $*"; }
 
+python3 -c "import flashjax" || { echo "flashjax does not import here: carry the missing \
+packages as wheels in .whl/ (see the top of this script)"; exit 1; }
 stamp "devices" | tee "$OUT/devices.txt"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/devices.txt"
 command -v nvidia-smi >/dev/null && nvidia-smi -L | tee -a "$OUT/devices.txt" || true

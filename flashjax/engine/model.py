@@ -41,7 +41,9 @@ class FlashModel(Model):
                  options: EngineOptions, selector: Selector, row_scales=None, **kw):
         super().__init__(cfg, params, **kw)
         self.reader, self.memory, self.options, self.selector = reader, plan, options, selector
-        self.transfers = Transfers(explicit=options.explicit_transfers)
+        # host arrays go to the device the resident weights are on
+        device = next(iter(jax.tree.leaves(params)[0].devices()))
+        self.transfers = Transfers(device, explicit=options.explicit_transfers)
         self.schedule = (Overlapped if options.overlap else Sequential)(reader, self.transfers)
         # layer indices as device scalars: a Python int argument would cross every call
         self.layer_ids = [jnp.int32(i) for i in range(cfg.num_hidden_layers)]

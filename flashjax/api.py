@@ -10,7 +10,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from flashjax.budget import choose_resident_dtype, dense_bytes, parse_budget, read_gap
+from flashjax.budget import (BudgetTooSmall, choose_resident_dtype, dense_bytes, minimum_budget,
+                             parse_budget, read_gap)
 from flashjax.runtime import Model, default_compute_dtype
 from flashjax.store import bundles
 from flashjax.store.convert import NP_DTYPES
@@ -156,7 +157,10 @@ def _load_flash(path: Path, manifest: Manifest, dtype, dram_budget, predictor,
                                       max_context=min(cfg.max_sequence, 256))
     budget = parse_budget(dram_budget, dense_bytes(manifest, dtype))
     selector = _selector(path, manifest, dtype, predictor)
-    resident_dtype, plan = choose_resident_dtype(manifest, dtype, budget, options, selector)
+    try:
+        resident_dtype, plan = choose_resident_dtype(manifest, dtype, budget, options, selector)
+    except BudgetTooSmall as e:  # the plan's own figure assumes equal layers: find the real one
+        raise e.with_minimum(minimum_budget(manifest, dtype, options, selector)) from None
     params = read_dram(path, manifest, convert=lambda x: jnp.asarray(x, resident_dtype))
     selector.prepare(params, resident_dtype)
     log.info("flash model %s: budget %d bytes, resident weights in %s, %d rows per layer",

@@ -134,6 +134,18 @@ def dense_bytes(manifest: Manifest, dtype) -> int:
     return values * jnp.dtype(dtype).itemsize
 
 
+class BudgetTooSmall(ValueError):
+    """A DRAM budget too small for the model: says the minimum and what it holds."""
+
+    def __init__(self, budget: int, minimum: int, parts: str):
+        self.budget, self.minimum, self.parts = budget, minimum, parts
+        super().__init__(f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} "
+                         f"bytes for {parts}")
+
+    def with_minimum(self, minimum: int) -> BudgetTooSmall:
+        return BudgetTooSmall(self.budget, minimum, self.parts)
+
+
 def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, options,
                 predictor_bytes: int = 0, weights=None) -> MemoryPlan:
     """Split ``budget``: fixed parts first, then the neuron buffers, shared among layers in
@@ -180,14 +192,14 @@ def plan_memory(manifest: Manifest, dtype, budget: int, resident_bytes: int, opt
     capacities = split_rows(max(0, budget - fixed) // layer_row, weights or [1.0] * layers, n)
     need = min(n, MIN_CAPACITY)
     if min(capacities) < need:
-        minimum = fixed + need * per_row
-        raise ValueError(
-            f"dram_budget of {budget:,} bytes is below the minimum {minimum:,} bytes for "
-            f"{cfg.num_hidden_layers} layers x {need} neurons: resident weights {resident_bytes:,}"
-            f" + KV cache {kv:,} (max_batch {options.max_batch} x max_context "
-            f"{options.max_context}) + predictors {predictors:,} + index {index_fixed:,} + "
-            f"staging and workspace "
-            f"{staging + workspace:,} + neuron buffers {need * per_row + slack_bytes:,}")
+        raise BudgetTooSmall(
+            budget, fixed + need * per_row,
+            f"{cfg.num_hidden_layers} layers x at least {need} neurons: resident weights "
+            f"{resident_bytes:,} + KV cache {kv:,} (max_batch {options.max_batch} x "
+            f"max_context {options.max_context}) + predictors {predictors:,} + index "
+            f"{index_fixed:,} + staging and workspace {staging + workspace:,} + neuron buffers "
+            f"(here {slack_bytes + need * per_row:,} at the least, shared among the layers by "
+            f"their predicted activity)")
     return MemoryPlan(budget=budget, resident=resident_bytes, kv_cache=kv, predictors=predictors,
                       staging=staging, workspace=workspace,
                       index=index_fixed + sum(capacities) * 12,

@@ -237,6 +237,34 @@ def test_budget_below_minimum_is_refused(sparse_model):
         flashjax.load(path, dram_budget="150%", predictor="oracle")
 
 
+@pytest.mark.parametrize("shares", [None, [0.9, 0.05, 0.05]])
+def test_the_minimum_budget_stated_is_the_one_that_loads(sparse_model, shares):
+    """The refusal names the smallest budget that loads, also where the layers' buffers are
+    shared unevenly (by the predictors' or a trace's activity): that budget loads, a byte
+    less does not."""
+    import re
+
+    import jax.numpy as jnp
+
+    from flashjax.api import _selector
+    from flashjax.store.manifest import Manifest
+
+    path = sparse_model("pre_ln")
+    manifest = Manifest.read(path)
+
+    def selector():
+        sel = _selector(path, manifest, jnp.float32, "oracle")
+        sel._shares = shares
+        return sel
+
+    with pytest.raises(ValueError, match="below the minimum") as refused:
+        flashjax.load(path, dram_budget=300_000, predictor=selector())
+    minimum = int(re.search(r"minimum ([\d,]+) bytes", str(refused.value))[1].replace(",", ""))
+    flashjax.load(path, dram_budget=minimum, predictor=selector())
+    with pytest.raises(ValueError, match=f"below the minimum {minimum:,} bytes"):
+        flashjax.load(path, dram_budget=minimum - 1, predictor=selector())
+
+
 def test_windowing_loads_less(sparse_model):
     path = sparse_model("pre_ln")
     loaded = {}

@@ -112,5 +112,7 @@ python scripts/bench_place.py "$WORK/opt-1.3b/fj" "$WORK/opt-1.3b/fj-placed" \
 python scripts/bench_transfers.py "$WORK/opt-1.3b/fj" --trace "$WORK/trace-opt-1.3b-heldout.npz" \
     --tokens 8 --rounds 3 --out "$OUT/transfers-opt-1.3b"
 python scripts/prefetch_estimate.py --tokens 4096 --out "$OUT/prefetch"
-# on a GPU (scripts/gpu_check.sh: the flash tests there, then naive and predictor+window at
-# OPT-6.7B shape with `flashjax bench --device gpu`)
+# the prepared GPU run (scripts/gpu_check.sh: the flash tests there, then naive and
+# predictor+window at OPT-6.7B shape with `flashjax bench --device gpu`), here on the CPU
+DEVICE=cpu TESTS=0 TOKENS=6 WORK="$WORK/opt-6.7b" bash scripts/gpu_check.sh "$OUT/gpu-check-cpu-opt-6.7b"
+# on a lent GPU: bash scripts/gpu_check.sh "$OUT/gpu-check-opt-6.7b"

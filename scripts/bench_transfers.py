@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--naive-tokens", type=int, default=2)
     p.add_argument("--out", default="docs/bench/transfers")
     args = p.parse_args(argv)
+    if args.naive_tokens < 2 or args.tokens < 2:
+        p.error("--tokens and --naive-tokens must be >= 2 (the first token comes from the "
+                "prompt, the figures are over the tokens after it)")
 
     if args.trace:
         from flashjax.bench.activity import TraceSelector

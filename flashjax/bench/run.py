@@ -209,13 +209,14 @@ def run_config(model_dir, budget, options: dict, tokens: int,
         "peak_dram_bytes": stats["peak_dram_bytes"],
         "budget_bytes": stats["dram_budget_bytes"],
         "resident_dtype": _resident_dtype(model),
-        # what crossed to the compute device per generated token (median), and back
-        "host_to_device_bytes_per_token": float(np.median(
+        # what crossed to the compute device per generated token (means, as the flash bytes),
+        # and back
+        "host_to_device_bytes_per_token": float(np.mean(
             [sum(t) for t in zip(*(v[decode] for v in
                                    stats["host_to_device_bytes_per_token"].values()))])),
-        "host_to_device_row_bytes_per_token": float(np.median(
+        "host_to_device_row_bytes_per_token": float(np.mean(
             stats["host_to_device_bytes_per_token"]["rows"][decode])),
-        "device_to_host_bytes_per_token": float(np.median(
+        "device_to_host_bytes_per_token": float(np.mean(
             stats["device_to_host_bytes_per_token"][decode])),
         "compute_device": stats["compute_device"],
         "capacity": stats["capacity"],

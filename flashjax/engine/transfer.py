@@ -16,8 +16,8 @@ On an accelerator ``put`` is one explicit ``jax.device_put`` of its arrays to th
 On XLA:CPU the host arrays are handed to the jitted call as they are, counted the same: the
 CPU client reads page-aligned memory (the staging buffers) in place, and dispatching a numpy
 argument costs ~8 us against ~30 us for a ``device_put`` first. ``explicit=True`` takes the
-accelerator's path on any backend; under ``jax.transfer_guard_host_to_device("disallow")`` it
-then proves that no transfer of the decode loop escapes the count (tests do this on CPU).
+accelerator's path on any backend; under ``jax.transfer_guard("disallow")`` it then proves
+that no transfer of the decode loop escapes the count (tests do this on CPU).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ from flashjax.config import ModelConfig
 from flashjax.model import decoder, sampling
 from flashjax.model.layers import KVCache
 
-_increment = jax.jit(lambda x: x + 1)  # (on the device: nothing crosses from the host)
+# x + 1 on the device (positions, the KV cache's next slot): nothing crosses from the host
+increment = jax.jit(lambda x: x + 1)
 
 PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this to bound recompiles
 SLOT_BUCKET = 64  # KV-cache lengths likewise
@@ -263,7 +264,7 @@ class Model:
             if done.all() or step == max_new_tokens - 1:
                 break
             last, state = self._decode(next_ids, position, state)
-            position = _increment(position)
+            position = increment(position)
         return state
 
     # -- text ----------------------------------------------------------------------------------

@@ -161,11 +161,6 @@ def all_valid(tokens):
     return jnp.ones(tokens.shape, bool)
 
 
-@jax.jit
-def increment(x):
-    return x + 1
-
-
 def compile_row_kernels(buffers, neuron_biases, staging, capacities, sizes, stream_sizes,
                         dtype, activation, threshold=None, scales=None, quant=None,
                         put=lambda *a: a):

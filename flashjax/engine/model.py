@@ -22,7 +22,7 @@ from flashjax.engine.state import FlashState, NeuronBuffer
 from flashjax.engine.transfer import Transfers
 from flashjax.model.bundle import neuron_bias
 from flashjax.model.layers import KVCache, run_layers
-from flashjax.runtime import Model
+from flashjax.runtime import Model, increment
 from flashjax.store.reader import FlashReader
 
 
@@ -167,7 +167,7 @@ class FlashModel(Model):
         logits = np.zeros((*tokens.shape, self.cfg.vocab_size), np.float32)
         for j in range(tokens.shape[1]):
             if not valid[:, j].any():  # a column of padding only: nothing to compute
-                state = state.replace(kv=state.kv.replace(index=kernels.increment(state.kv.index)))
+                state = state.replace(kv=state.kv.replace(index=increment(state.kv.index)))
                 continue
             inputs = self.transfers.put(state.stats, "inputs", tokens[:, j], positions[:, j],
                                         valid[:, j])

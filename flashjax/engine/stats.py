@@ -98,9 +98,6 @@ class Stats:
                                    / max(sum(self.requests_per_token), 1)),
             "host_to_device_bytes_per_token": dict(self.to_device_per_token),
             "device_to_host_bytes_per_token": self.to_host_per_token,
-            "median_host_to_device_bytes": float(np.median(
-                [sum(t) for t in zip(*self.to_device_per_token.values())])) if self.tokens
-            else 0.0,
             "per_token": {**{f"{p}_s": self.per_token[p] for p in PHASES}, "total_s": totals},
             **{f"median_{p}_s": float(np.median(self.per_token[p])) if self.tokens else 0.0
                for p in PHASES},

@@ -10,7 +10,7 @@ handed to the jitted calls as they are) and once with ``explicit_transfers=True`
 the same prompt: the predictor (``--trace``: the trace's sets, as ``flashjax bench``), window
 4. Per generated token it reports the rows read and their bytes, what crossed to the device
 (rows as staged, padded to compiled sizes; the plan; the inputs) and what came back, and the
-median ms per token of each way. The two must give the same tokens and the same counts; the
+ms per token of each way (``flashjax bench``'s figure: its run, ``bench.run.run_config``). The two must give the same tokens and the same counts; the
 script stops if they do not. Also the naive baseline's transfer per token (every row).
 """
 
@@ -23,30 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-import flashjax
+from flashjax.bench.run import chosen_predictor, run_config
 from flashjax.engine.transfer import KINDS
 
 
-def run(model_dir, budget, predictor, explicit, tokens, prompt):
-    model = flashjax.load(model_dir, dram_budget=budget, predictor=predictor,
-                          explicit_transfers=explicit, progress=False)
-    model.generate(prompt[:2], 2, stop_at_eos=False)  # compiles
-    ids, stats = model.generate(prompt, tokens, stop_at_eos=False, return_stats=True)
-    decode = slice(len(prompt), None)
-    h2d = {k: np.array(v[decode]) for k, v in stats["host_to_device_bytes_per_token"].items()}
-    out = {
-        "ids": ids,
-        "ms_per_token": float(np.median(stats["per_token"]["total_s"][decode]) * 1e3),
-        "rows_read_per_token": float(np.mean(stats["rows_read_per_token"][decode])),
-        "read_bytes_per_token": float(np.mean(stats["rows_read_per_token"][decode])
-                                      * model.reader.row_bytes),
-        **{f"h2d_{k}_bytes_per_token": float(h2d[k].mean()) for k in KINDS},
-        "d2h_bytes_per_token": float(np.mean(stats["device_to_host_bytes_per_token"][decode])),
-        "compute_device": stats["compute_device"],
-        "staging_row_bytes": int(model.reader.staging.shape[1] * model.reader.staging.itemsize),
+def run(model_dir, budget, options, tokens, prompt):
+    """One configuration through ``flashjax bench``'s own run, its figures renamed."""
+    r = run_config(model_dir, budget, options, tokens, prompt_ids=prompt)
+    return {
+        "ids": r["ids"], "ms_per_token": r["ms_per_token"],
+        "rows_read_per_token": r["rows_read_per_token"],
+        "read_bytes_per_token": r["flash_bytes_per_token"],
+        **{f"h2d_{k}_bytes_per_token": v for k, v in r["host_to_device_by_kind"].items()},
+        "d2h_bytes_per_token": r["device_to_host_bytes_per_token"],
+        "compute_device": r["compute_device"],
     }
-    del model
-    return out
 
 
 def main(argv=None) -> int:
@@ -63,18 +54,15 @@ def main(argv=None) -> int:
         p.error("--tokens and --naive-tokens must be >= 2 (the first token comes from the "
                 "prompt, the figures are over the tokens after it)")
 
-    if args.trace:
-        from flashjax.bench.activity import TraceSelector
-
-        predictor = TraceSelector.open(args.trace, args.model_dir)
-    else:
-        predictor = "lowrank"
+    chosen = {**chosen_predictor((Path(args.model_dir) / "predictors").exists(), args.trace),
+              "window": 4}
     prompt = [2, 100, 200, 300]
     runs = {False: [], True: []}
     for r in range(args.rounds):
         for explicit in (False, True):
-            runs[explicit].append(run(args.model_dir, args.dram_budget, predictor, explicit,
-                                      args.tokens, prompt))
+            runs[explicit].append(run(args.model_dir, args.dram_budget,
+                                      {**chosen, "explicit_transfers": explicit}, args.tokens,
+                                      prompt))
             print(f"round {r + 1}, explicit={explicit}: "
                   f"{runs[explicit][-1]['ms_per_token']:.1f} ms/token", file=sys.stderr)
     keys = ["ids", "rows_read_per_token", *(f"h2d_{k}_bytes_per_token" for k in KINDS),
@@ -83,7 +71,7 @@ def main(argv=None) -> int:
         values = [r[key] for rs in runs.values() for r in rs]
         if any(v != values[0] for v in values):
             sys.exit(f"the two paths differ in {key}: {values}")
-    naive = run(args.model_dir, args.dram_budget, "naive", False, args.naive_tokens, prompt)
+    naive = run(args.model_dir, args.dram_budget, {"predictor": None}, args.naive_tokens, prompt)
     first = runs[False][0]
     result = {
         "command": " ".join(["python", "scripts/bench_transfers.py", *(argv or sys.argv[1:])]),

@@ -179,6 +179,8 @@ def run_config(model_dir, budget, options: dict, tokens: int,
     io_s = per["io"].sum()
     io_all = sum(stats["per_token"]["io_s"])
     reads = np.array(stats["rows_per_read"] or [0])
+    moved = {k: float(np.mean(v[decode]))
+             for k, v in stats["host_to_device_bytes_per_token"].items()}
     result = {
         "options": options,
         "ms_per_token": float(sum(breakdown.values())),
@@ -210,12 +212,10 @@ def run_config(model_dir, budget, options: dict, tokens: int,
         "budget_bytes": stats["dram_budget_bytes"],
         "resident_dtype": _resident_dtype(model),
         # what crossed to the compute device per generated token (means, as the flash bytes),
-        # and back
-        "host_to_device_bytes_per_token": float(np.mean(
-            [sum(t) for t in zip(*(v[decode] for v in
-                                   stats["host_to_device_bytes_per_token"].values()))])),
-        "host_to_device_row_bytes_per_token": float(np.mean(
-            stats["host_to_device_bytes_per_token"]["rows"][decode])),
+        # by kind (rows, plan, inputs) and in all, and what came back
+        "host_to_device_by_kind": moved,
+        "host_to_device_bytes_per_token": sum(moved.values()),
+        "host_to_device_row_bytes_per_token": moved["rows"],
         "device_to_host_bytes_per_token": float(np.mean(
             stats["device_to_host_bytes_per_token"][decode])),
         "compute_device": stats["compute_device"],

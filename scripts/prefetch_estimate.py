@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 import flashjax
 from flashjax.model import decoder
-from flashjax.model.layers import KVCache
+from flashjax.model.layers import KVCache, run_layers
 from flashjax.predictor.model import Predictors, predictor_logits
 from flashjax.predictor.text import sequences
 
@@ -49,14 +49,19 @@ def _trace(model, tokens, positions, valid, cache):
     to the residual stream after this layer (the next layer's attention skipped)."""
     ins, guesses = [], []
     valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid, cache.index, axis=1)
-    h = model.embed(tokens, positions)
-    for i, layer in enumerate(model.layers):
+
+    def attend(i, h, kv):
+        layer = model.layers[i]
         if i:
             guesses.append(_ffn_norm(layer)(h))
         h, ffn_in, _, _ = layer.attend(h, cache.keys[i], cache.values[i], valid, cache.index,
                                        positions)
         ins.append(ffn_in)
-        h = layer.finish(h, layer.ffn(ffn_in))
+        return h, ffn_in, kv
+
+    run_layers(len(model.layers), model.embed(tokens, positions), None, attend=attend,
+               ffn=lambda i, x: model.layers[i].ffn(x),
+               finish=lambda i, h, out: model.layers[i].finish(h, out))
     return jnp.stack(ins), jnp.stack(guesses)
 
 

@@ -101,7 +101,10 @@ def test_only_the_new_rows_cross_to_the_device(store, overlap):
     all_sizes = [s for s in (*flash.sizes, flash.stream_sizes) if s]
     assert all(any(p == bucket_for(max(r, h), sizes) for sizes in all_sizes)
                for r, h, p in zip(real, holes, padded))
-    assert all(r > 0 for r in real)  # a piece of moves only sends no rows
+    assert all(r > 0 for r in real)  # a piece of moves only sends no rows:
+    moves_only = [a for kind, arrays in rec.log if kind == "plan" for a in arrays
+                  if a.dtype == np.int32]  # its packed update goes alone
+    assert moves_only and all(RowUpdate.unpack(p).count == 0 for p in moves_only)
     assert sum(h2d["rows"]) == sum(padded) * row_bytes
     assert sum(padded) < 1.1 * sum(real) + 8 * len(real)
     # per token: rows read x row bytes (+ padding); nothing else but plan and inputs

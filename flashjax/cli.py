@@ -362,17 +362,14 @@ def cmd_info(args) -> int:
     from flashjax.api import _selector, enable_compilation_cache
     from flashjax.budget import dense_bytes, minimum_budget
     from flashjax.engine.options import EngineOptions
+    from flashjax.engine.transfer import device_info, device_label
     from flashjax.runtime import default_compute_dtype
     from flashjax.shipped import DEFAULT, SHIPPED, cache_root, converted_dir, shipped_checkpoint
     from flashjax.store.convert import NP_DTYPES
     from flashjax.store.manifest import Manifest
 
-    from flashjax.engine.transfer import device_info
-
     device = device_info()
-    kind = "" if device["device_kind"] == device["platform"] else f" ({device['device_kind']})"
-    print(f"compute device       {device['platform']}{kind}, jax {device['jax']} "
-          f"(JAX_PLATFORMS)")
+    print(f"compute device       {device_label(device)}, jax {device['jax']} (JAX_PLATFORMS)")
     print(f"cache directory      {cache_root()} (FLASHJAX_CACHE)")
     print(f"compilation cache    {enable_compilation_cache() or 'off'} "
           f"(FLASHJAX_COMPILATION_CACHE)")

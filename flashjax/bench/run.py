@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import flashjax
-from flashjax.engine.transfer import device_info
+from flashjax.engine.transfer import device_info, device_label
 from flashjax.store import bundles
 from flashjax.store.manifest import Manifest
 
@@ -674,11 +674,7 @@ def format_table(result: dict) -> str:
 
 def _computed_on(result: dict) -> str:
     device = result.get("compute_device")
-    if not device:
-        return ""
-    kind = device["device_kind"]
-    return f", computed on {device['platform']}" + ("" if kind == device["platform"]
-                                                   else f" ({kind})")
+    return f", computed on {device_label(device)}" if device else ""
 
 
 def _ours(result: dict) -> dict:

@@ -72,6 +72,12 @@ def device_info(device=None) -> dict:
             "devices": jax.device_count(), "jax": jax.__version__}
 
 
+def device_label(info: dict) -> str:
+    """``device_info()`` in words: "cpu", or "gpu (NVIDIA H200)"."""
+    kind = info["device_kind"]
+    return info["platform"] + ("" if kind == info["platform"] else f" ({kind})")
+
+
 PLATFORMS = {"cpu": "cpu", "gpu": "cuda"}  # --device names -> JAX_PLATFORMS values
 
 
